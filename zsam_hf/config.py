@@ -1,0 +1,109 @@
+"""``ZSAMTrainingArguments``: the Trainer's arguments plus the SAM-family hyper-parameters.
+
+Every field becomes a command-line flag through ``HfArgumentParser`` (its ``help`` is the
+``--help`` text), and every value is checked in ``__post_init__``, so a bad flag fails
+before any model or dataset is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .perturbation import DEFAULT_RHO, NORMALIZATIONS, VARIANTS
+
+
+def _invalid(name: str, value, allowed: str) -> ValueError:
+    return ValueError(f"{name}={value!r} is invalid: {allowed}.")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class ZSAMTrainingArguments(TrainingArguments):
+    """TrainingArguments for :class:`~zsam_hf.ZSAMTrainer`.
+
+    SAM family:
+        sam_variant: "zsam" (default), "sam", "asam", "fsam" or "none" (the plain Trainer step).
+        sam_rho: radius of the ascent step; None picks the variant's default
+            (0.05 for zsam/sam/fsam, 0.5 for asam).
+        sam_sync_ascent: all-reduce the ascent gradient across replicas (default: each
+            replica perturbs with its own gradient, as in the SAM paper).
+    ZSAM:
+        zsam_quantile: Q_p; entries with |z| above this quantile are kept (0.95 keeps 5%).
+        zsam_normalization: "global" (the paper: ||e|| = rho) or "tensor" (released code).
+    ASAM / Friendly-SAM:
+        asam_eta, fsam_sigma, fsam_lambda.
+    """
+
+    sam_variant: str = field(
+        default="zsam",
+        metadata={"help": f"Sharpness-aware variant, one of {', '.join(VARIANTS)} ('none' = plain Trainer step)."},
+    )
+    sam_rho: float | None = field(
+        default=None,
+        metadata={"help": "Perturbation radius rho > 0. Default: 0.05 for zsam/sam/fsam, 0.5 for asam."},
+    )
+    zsam_quantile: float = field(
+        default=0.95,
+        metadata={"help": "ZSAM Q_p in [0, 1): keep gradient entries whose |z-score| exceeds this quantile."},
+    )
+    zsam_normalization: str = field(
+        default="global",
+        metadata={
+            "help": "ZSAM normalization of e: 'global' (paper's formula, ||e|| = rho) or 'tensor' "
+            "(released code: each weight tensor's e has norm rho)."
+        },
+    )
+    asam_eta: float = field(default=0.01, metadata={"help": "ASAM eta >= 0 in T = |w| + eta."})
+    fsam_sigma: float = field(default=1.0, metadata={"help": "Friendly-SAM sigma: weight of the removed EMA."})
+    fsam_lambda: float = field(default=0.9, metadata={"help": "Friendly-SAM EMA decay lambda in [0, 1)."})
+    sam_sync_ascent: bool = field(
+        default=False,
+        metadata={
+            "help": "All-reduce the ascent gradient across DDP replicas before building e "
+            "(default: per-replica ascent, the SAM paper's m-sharpness)."
+        },
+    )
+
+    def __post_init__(self):
+        self._validate_sam_fields()
+        if self.sam_rho is None:
+            self.sam_rho = DEFAULT_RHO[self.sam_variant]
+        super().__post_init__()
+
+    def _validate_sam_fields(self) -> None:
+        if self.sam_variant not in VARIANTS:
+            raise _invalid("sam_variant", self.sam_variant, f"expected one of {', '.join(VARIANTS)}")
+        if self.sam_rho is not None and not (_is_number(self.sam_rho) and self.sam_rho > 0):
+            raise _invalid("sam_rho", self.sam_rho, "expected a finite number > 0 (or None for the variant default)")
+        if not (_is_number(self.zsam_quantile) and 0 <= self.zsam_quantile < 1):
+            raise _invalid("zsam_quantile", self.zsam_quantile, "expected a number in [0, 1) (0.95 keeps the top 5%)")
+        if self.zsam_normalization not in NORMALIZATIONS:
+            raise _invalid("zsam_normalization", self.zsam_normalization, f"expected one of {', '.join(NORMALIZATIONS)}")
+        if not (_is_number(self.asam_eta) and self.asam_eta >= 0):
+            raise _invalid("asam_eta", self.asam_eta, "expected a finite number >= 0")
+        if not (_is_number(self.fsam_sigma) and self.fsam_sigma >= 0):
+            raise _invalid("fsam_sigma", self.fsam_sigma, "expected a finite number >= 0")
+        if not (_is_number(self.fsam_lambda) and 0 <= self.fsam_lambda < 1):
+            raise _invalid("fsam_lambda", self.fsam_lambda, "expected a number in [0, 1)")
+        if not isinstance(self.sam_sync_ascent, bool):
+            raise _invalid("sam_sync_ascent", self.sam_sync_ascent, "expected True or False")
+
+    def sam_hyperparameters(self) -> dict:
+        """The SAM-family settings that matter for this variant (for cards and logs)."""
+        params = {"sam_variant": self.sam_variant}
+        if self.sam_variant == "none":
+            return params
+        params.update(sam_rho=self.sam_rho, sam_sync_ascent=self.sam_sync_ascent)
+        if self.sam_variant == "zsam":
+            params.update(zsam_quantile=self.zsam_quantile, zsam_normalization=self.zsam_normalization)
+        elif self.sam_variant == "asam":
+            params.update(asam_eta=self.asam_eta)
+        elif self.sam_variant == "fsam":
+            params.update(fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda)
+        return params

@@ -1,0 +1,240 @@
+"""``ZSAMTrainer``: the Hugging Face Trainer with a two-pass sharpness-aware step.
+
+Only ``training_step`` changes.  For each micro-batch:
+
+1. ascent pass: g = grad L_B(w), taken with ``torch.autograd.grad`` so that ``.grad``
+   (which holds the earlier micro-batches' descent gradients under accumulation) is
+   never touched, inside ``no_sync`` so DDP does not all-reduce it, and inside a forked
+   RNG so that the descent pass replays the same dropout masks;
+2. climb to w + e (``perturbation.py``);
+3. descent pass: the Trainer's usual loss and ``accelerator.backward`` at w + e, with
+   norm layers' running statistics frozen (the ascent pass already updated them);
+4. restore w bit for bit.
+
+Everything after ``training_step`` (accumulation, unscale, clipping, the optimizer,
+the scheduler, GradScaler skipping, logging, checkpoints) is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules.batchnorm import _NormBase
+from transformers import Trainer
+
+from .config import ZSAMTrainingArguments
+from .perturbation import PerturbationStats, SharpnessPerturbation
+
+SAM_STATE_FILE = "sam_state_rank{rank}.pt"
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: torch.nn.Module):
+    """Normalize with batch statistics but leave running statistics (and counters) alone.
+
+    With ``track_running_stats`` off, a training-mode norm layer uses the batch's
+    statistics and skips the running-average update, exactly what the descent pass needs.
+    """
+    layers = [m for m in model.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+class _SharpnessMeter:
+    """Per-step SAM metrics summed as device tensors between two logging steps."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None  # [loss at w, loss at w+e, ||e||, kept fraction]
+        self.perturbed_micro_batches = 0
+
+    def record(self, loss: torch.Tensor, perturbed_loss: torch.Tensor, stats: PerturbationStats | None) -> None:
+        if self.sums is None:
+            self.sums = torch.zeros(4, device=loss.device)
+        self.sums[0] += loss.detach().float()
+        self.sums[1] += perturbed_loss.detach().float()
+        if stats is not None:
+            self.sums[2] += stats.norm.to(self.sums.device)
+            self.sums[3] += stats.kept_fraction or 0.0
+            self.perturbed_micro_batches += 1
+
+    def reset(self) -> None:
+        self.sums, self.perturbed_micro_batches = None, 0
+
+
+class ZSAMTrainer(Trainer):
+    """A drop-in ``Trainer`` that trains with ZSAM (or SAM, ASAM, Friendly-SAM).
+
+    Pass :class:`ZSAMTrainingArguments` as ``args``; everything else is the Trainer's
+    constructor.  Logs carry, next to ``loss`` (the loss at w): ``perturbed_loss`` (at
+    w + e), ``sharpness`` (their difference), ``perturbation_norm`` (||e||) and, for
+    zsam, ``zsam_kept_fraction``.
+    """
+
+    def __init__(self, model=None, args: ZSAMTrainingArguments | None = None, *more, **kwargs):
+        if args is None:
+            args = ZSAMTrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, ZSAMTrainingArguments):
+            raise TypeError(
+                f"args must be a ZSAMTrainingArguments, got {type(args).__name__}: "
+                "swap TrainingArguments for zsam_hf.ZSAMTrainingArguments."
+            )
+        _refuse_unsupported_backends(args.sam_variant, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
+        super().__init__(model, args, *more, **kwargs)
+        _refuse_unsupported_backends(args.sam_variant, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+        self.perturbation = SharpnessPerturbation(
+            variant=args.sam_variant,
+            rho=args.sam_rho,
+            quantile=args.zsam_quantile,
+            normalization=args.zsam_normalization,
+            asam_eta=args.asam_eta,
+            fsam_sigma=args.fsam_sigma,
+            fsam_lambda=args.fsam_lambda,
+        )
+        self._sharpness_meter = _SharpnessMeter()
+        self._sharpness_logged_step = 0
+
+    # ---- the two-pass step ----------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        if self.args.sam_variant == "none":
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        names, params = self._trainable_parameters(model)
+
+        # 1. ascent pass at w, RNG replayed afterwards so both passes see the same dropout
+        with self.accelerator.no_sync(model), torch.random.fork_rng(devices=_rng_devices(model)):
+            loss = self._loss_for_backward(model, inputs, num_items_in_batch)
+            grads = self._ascent_gradients(loss, params)
+        # 2. climb to w + e
+        applied, stats = self.perturbation.perturb(names, params, grads)
+        del grads
+        # 3. descent pass at w + e (the Trainer's backward), 4. back to w exactly
+        try:
+            with running_stats_frozen(model):
+                perturbed_loss = self._loss_for_backward(model, inputs, num_items_in_batch)
+            if perturbed_loss.requires_grad:
+                self.accelerator.backward(perturbed_loss)
+        finally:
+            applied.restore()
+        self._sharpness_meter.record(loss, perturbed_loss, stats)
+        return loss.detach()
+
+    def _trainable_parameters(self, model) -> tuple[list[str], list[torch.nn.Parameter]]:
+        named = [(n, p) for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        return [n for n, _ in named], [p for _, p in named]
+
+    def _loss_for_backward(self, model, inputs, num_items_in_batch) -> torch.Tensor:
+        """The loss exactly as ``Trainer.training_step`` back-propagates it.
+
+        Each pass gets a shallow copy of the inputs (``compute_loss`` may pop labels);
+        the scaling for gradient accumulation follows the Trainer's own rule, so the
+        ascent and descent losses are in the same units as the logged ``loss``.
+        """
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        if scaled_for_ga is None:
+            scaled_for_ga = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        return loss if scaled_for_ga else loss / self.current_gradient_accumulation_steps
+
+    def _ascent_gradients(self, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """g = grad L_B(w) without touching ``.grad``; unscaled, optionally averaged over replicas.
+
+        Under fp16 the loss is scaled by the GradScaler's current scale (so small
+        gradients survive half precision) and divided back here by hand: the scaler's
+        own ``unscale_`` is left for the descent gradient, never called twice.
+        """
+        if not params or not loss.requires_grad:
+            return [None] * len(params)
+        scaler = self.accelerator.scaler
+        scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
+        grads = list(torch.autograd.grad(loss * scale if scale is not None else loss, params, allow_unused=True))
+        present = [g for g in grads if g is not None]
+        if scale is not None and present:
+            torch._foreach_mul_(present, scale.double().reciprocal().float())
+        if self.args.sam_sync_ascent and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            grads = _all_reduce_mean(grads, params)
+        return grads
+
+    # ---- logs -------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._sharpness_meter.sums is not None:
+            logs.update(self._sharpness_logs())
+        super().log(logs, start_time)
+
+    def _sharpness_logs(self) -> dict[str, float]:
+        meter = self._sharpness_meter
+        sums = self.accelerator.gather(meter.sums[None]).mean(0).tolist()
+        steps = max(self.state.global_step - self._sharpness_logged_step, 1)
+        perturbed = max(meter.perturbed_micro_batches, 1)
+        logs = {
+            "perturbed_loss": sums[1] / steps,
+            "sharpness": (sums[1] - sums[0]) / steps,
+            "perturbation_norm": sums[2] / perturbed,
+        }
+        if self.args.sam_variant == "zsam":
+            logs["zsam_kept_fraction"] = sums[3] / perturbed
+        meter.reset()
+        self._sharpness_logged_step = self.state.global_step
+        return logs
+
+    # ---- checkpoints: FSAM's EMA travels with the optimizer state ------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.perturbation.ema:
+            os.makedirs(output_dir, exist_ok=True)
+            path = os.path.join(output_dir, SAM_STATE_FILE.format(rank=self.args.process_index))
+            torch.save(self.perturbation.state_dict(), path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        for rank in (self.args.process_index, 0):  # fewer state files than ranks: share rank 0's
+            path = os.path.join(checkpoint, SAM_STATE_FILE.format(rank=rank))
+            if os.path.isfile(path):
+                self.perturbation.load_state_dict(torch.load(path, weights_only=True), device=self.args.device)
+                return
+
+
+def _refuse_unsupported_backends(variant: str, deepspeed: bool, fsdp: bool) -> None:
+    if variant == "none":
+        return
+    for name, enabled in (("DeepSpeed", deepspeed), ("FSDP", fsdp)):
+        if enabled:
+            raise ValueError(
+                f"ZSAMTrainer does not support {name} yet (sam_variant={variant!r}): the two-pass step "
+                "needs the full, unsharded gradient of each replica. Use DDP (accelerate launch --multi_gpu "
+                "or torchrun), or sam_variant='none' for the plain Trainer."
+            )
+
+
+def _rng_devices(model: torch.nn.Module) -> list[int]:
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cuda":
+        return [param.device.index if param.device.index is not None else torch.cuda.current_device()]
+    return []
+
+
+def _all_reduce_mean(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Average the ascent gradients over replicas in one flat all-reduce (gloo has no AVG)."""
+    filled = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    flat = torch.cat([g.reshape(-1) for g in filled])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    chunks = torch.split(flat, [g.numel() for g in filled])
+    return [chunk.view_as(g).to(g.dtype) for chunk, g in zip(chunks, filled)]
