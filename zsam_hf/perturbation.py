@@ -245,13 +245,17 @@ def zsam_offsets(
     kept_fraction = kept_entries / total_entries if total_entries else 0.0
 
     if normalization == "tensor":
+        kept = [f for f in filtered if f is not None]
+        norms = torch._foreach_norm([f.values for f in kept]) if kept else []
+        positive = torch.stack(norms).gt(0).tolist() if kept else []
+        scales = dict(zip(map(id, kept), zip(norms, positive)))
         offsets = []
         for g, f in zip(grads, filtered):
-            if f is None:
-                offsets.append(g * sam_scale)
-            else:
-                f.values.mul_(rho / (torch.linalg.vector_norm(f.values) + EPS))
+            if f is not None and scales[id(f)][1]:
+                f.values.mul_(rho / (scales[id(f)][0] + EPS))
                 offsets.append(f)
+            else:  # nothing kept, or only zeros kept: SAM's e_p
+                offsets.append(g * sam_scale)
         return offsets, kept_fraction
 
     # global: ||g~||_G over filtered weight tensors and unfiltered ndim <= 1 tensors.
