@@ -161,11 +161,11 @@ class ZSAMTrainer(Trainer):
         if not params or not loss.requires_grad:
             return [None] * len(params)
         scaler = self.accelerator.scaler
-        scale = scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
-        grads = list(torch.autograd.grad(loss * scale if scale is not None else loss, params, allow_unused=True))
+        scaling = scaler is not None and scaler.is_enabled()
+        grads = list(torch.autograd.grad(scaler.scale(loss) if scaling else loss, params, allow_unused=True))
         present = [g for g in grads if g is not None]
-        if scale is not None and present:
-            torch._foreach_mul_(present, scale.double().reciprocal().float())
+        if scaling and present:  # scale() has initialized the scale tensor by now
+            torch._foreach_mul_(present, scaler._get_scale_async().double().reciprocal().float())
         if self.args.sam_sync_ascent and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             grads = _all_reduce_mean(grads, params)
         return grads
