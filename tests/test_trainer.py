@@ -286,10 +286,3 @@ def test_fp16_grad_scaler_unscales_once_and_skips_overflow_without_nan(tmp_path)
     assert logs[0]["perturbation_norm"] == 0.0  # no perturbation on the overflowing step
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.equal(rec.pre_step_weights[s][n], rec.start[s][n]) for s in range(4) for n in rec.start[s])
-
-
-def test_checkpoint_state_file_is_per_rank_name(tmp_path):
-    trainer = ZSAMTrainer(model=TinyClassifier(), args=make_args(tmp_path, sam_variant="fsam"), train_dataset=vector_dataset(8))
-    trainer.train()
-    trainer._save_optimizer_and_scheduler(str(tmp_path / "ck"))
-    assert os.listdir(tmp_path / "ck") and (tmp_path / "ck" / "sam_state_rank0.pt").exists()
