@@ -1,0 +1,32 @@
+"""Run by test_ddp.py under `torchrun --nproc_per_node 2`: train a few ZSAM steps per mode."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from toy import RecordingTrainer, StepRecorder, TinyClassifier, make_args, vector_dataset
+
+
+def main(out: Path) -> None:
+    for sync in (False, True):
+        model = TinyClassifier()
+        args = make_args(out, output_dir=str(out / f"run_sync{int(sync)}"), sam_sync_ascent=sync, max_steps=3)
+        trainer = RecordingTrainer(model=model, args=args, train_dataset=vector_dataset(48))
+        recorder = StepRecorder(model)
+        trainer.add_callback(recorder)
+        trainer.train()
+        record = {
+            "start": recorder.start,
+            "grads": recorder.pre_step_grads,
+            "pre_step": recorder.pre_step_weights,
+            "end": recorder.end,
+            "batches": trainer.micro_batches,
+            "world_size": dist.get_world_size(),
+        }
+        torch.save(record, out / f"sync{int(sync)}_rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
