@@ -1,7 +1,8 @@
 """zsam-hf: Z-Score Filtered Sharpness-Aware Minimization (ZSharp) for the Hugging Face Trainer."""
 
 from .config import ZSAMTrainingArguments
-from .perturbation import SharpnessPerturbation, interpolated_quantile, zscore_mask
+from .perturbation import SharpnessPerturbation
+from .selection import interpolated_quantile, zscore_mask
 from .trainer import ZSAMTrainer
 
 __all__ = [

@@ -42,7 +42,9 @@ class ZSAMTrainingArguments(TrainingArguments):
 
     sam_variant: str = field(
         default="zsam",
-        metadata={"help": f"Sharpness-aware variant, one of {', '.join(VARIANTS)} ('none' = plain Trainer step)."},
+        metadata={
+            "help": f"Sharpness-aware variant, one of {', '.join(VARIANTS)} ('none' = plain Trainer step)."
+        },
     )
     sam_rho: float | None = field(
         default=None,
@@ -60,7 +62,9 @@ class ZSAMTrainingArguments(TrainingArguments):
         },
     )
     asam_eta: float = field(default=0.01, metadata={"help": "ASAM eta >= 0 in T = |w| + eta."})
-    fsam_sigma: float = field(default=1.0, metadata={"help": "Friendly-SAM sigma: weight of the removed EMA."})
+    fsam_sigma: float = field(
+        default=1.0, metadata={"help": "Friendly-SAM sigma: weight of the removed EMA."}
+    )
     fsam_lambda: float = field(default=0.9, metadata={"help": "Friendly-SAM EMA decay lambda in [0, 1)."})
     sam_sync_ascent: bool = field(
         default=False,
@@ -80,11 +84,17 @@ class ZSAMTrainingArguments(TrainingArguments):
         if self.sam_variant not in VARIANTS:
             raise _invalid("sam_variant", self.sam_variant, f"expected one of {', '.join(VARIANTS)}")
         if self.sam_rho is not None and not (_is_number(self.sam_rho) and self.sam_rho > 0):
-            raise _invalid("sam_rho", self.sam_rho, "expected a finite number > 0 (or None for the variant default)")
+            raise _invalid(
+                "sam_rho", self.sam_rho, "expected a finite number > 0 (or None for the variant default)"
+            )
         if not (_is_number(self.zsam_quantile) and 0 <= self.zsam_quantile < 1):
-            raise _invalid("zsam_quantile", self.zsam_quantile, "expected a number in [0, 1) (0.95 keeps the top 5%)")
+            raise _invalid(
+                "zsam_quantile", self.zsam_quantile, "expected a number in [0, 1) (0.95 keeps the top 5%)"
+            )
         if self.zsam_normalization not in NORMALIZATIONS:
-            raise _invalid("zsam_normalization", self.zsam_normalization, f"expected one of {', '.join(NORMALIZATIONS)}")
+            raise _invalid(
+                "zsam_normalization", self.zsam_normalization, f"expected one of {', '.join(NORMALIZATIONS)}"
+            )
         if not (_is_number(self.asam_eta) and self.asam_eta >= 0):
             raise _invalid("asam_eta", self.asam_eta, "expected a finite number >= 0")
         if not (_is_number(self.fsam_sigma) and self.fsam_sigma >= 0):

@@ -8,143 +8,21 @@ in place and keeps exactly what is needed to write ``w`` back bit for bit:
 * ``zsam`` perturbs only the ~(1 - Q_p) fraction of each weight tensor that survives the
   z-score filter, so it keeps just those entries' flat indices and original values.
 
-The z-score threshold is an interpolated order statistic of ``|g - mean g|``.  A full
-selection per tensor (``kthvalue``, ``torch.quantile``) costs more than the rest of the
-step's bookkeeping together, so :func:`interpolated_quantile` brackets the two order
-statistics with a small deterministic sample, counts how many entries fall below the
-bracket, and selects exactly among the few entries inside it: O(n), exact, and no
-size limit.
+Which entries survive the z-score filter is decided in ``selection.py``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .selection import kept_indices_many
 
 EPS = 1e-12
 VARIANTS = ("zsam", "sam", "asam", "fsam", "none")
 NORMALIZATIONS = ("global", "tensor")
 DEFAULT_RHO = {"zsam": 0.05, "sam": 0.05, "fsam": 0.05, "asam": 0.5, "none": 0.05}
-
-# Sample size used to bracket a quantile; below SMALL_TENSOR a plain sort is cheaper.
-_SAMPLE_SIZE = 8192
-_BRACKET_SIGMAS = 4.0
-_SMALL_TENSOR = 4 * _SAMPLE_SIZE
-_SORT_LIMIT = 2048
-# Odd multiplier (Knuth's golden-ratio hash) spreading sample indices over the tensor
-# without touching any random-number generator.
-_HASH_MULTIPLIER = 2654435761
-
-
-# --------------------------------------------------------------------------------------
-# The z-score filter
-# --------------------------------------------------------------------------------------
-def _select(values: torch.Tensor, ranks: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact order statistics (0-based ranks) of a 1-D tensor; O(n) beyond a small size."""
-    if values.numel() <= _SORT_LIMIT:
-        ordered = torch.sort(values).values
-        return ordered[ranks[0]], ordered[ranks[1]]
-    lower = torch.kthvalue(values, ranks[0] + 1).values
-    upper = lower if ranks[1] == ranks[0] else torch.kthvalue(values, ranks[1] + 1).values
-    return lower, upper
-
-
-def _quantile_ranks(n: int, q: float) -> tuple[tuple[int, int], float]:
-    """The two order statistics (0-based) that torch.quantile interpolates, and the weight."""
-    pos = q * (n - 1)
-    lo = math.floor(pos)
-    return (lo, min(lo + 1, n - 1)), pos - lo
-
-
-def interpolated_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile of a 1-D tensor, linear interpolation between order statistics.
-
-    Same definition as ``torch.quantile``/``numpy.quantile`` (default method): with
-    pos = q (n - 1), lerp(x_(floor pos), x_(floor pos + 1), pos - floor pos); computed by
-    O(n) selection, for any size and any floating dtype.
-    """
-    ranks, frac = _quantile_ranks(values.numel(), q)
-    return torch.lerp(*_select(values, ranks), frac)
-
-
-def _sample_bracket(values: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two values that enclose the q-quantile of ``values`` with overwhelming probability.
-
-    Order statistics of a deterministic pseudo-random sample, ``margin`` standard
-    deviations of the sample rank either side of q (no RNG is touched).
-    """
-    n = values.numel()
-    sample_idx = (torch.arange(_SAMPLE_SIZE, device=values.device) * _HASH_MULTIPLIER) % n
-    sample = torch.sort(values[sample_idx]).values
-    centre = q * (_SAMPLE_SIZE - 1)
-    margin = int(_BRACKET_SIGMAS * math.sqrt(_SAMPLE_SIZE * q * (1 - q))) + 2
-    return sample[max(0, math.floor(centre) - margin)], sample[min(_SAMPLE_SIZE - 1, math.ceil(centre) + margin)]
-
-
-def _kept_indices_exact(deviation: torch.Tensor, q: float) -> torch.Tensor:
-    tau = interpolated_quantile(deviation, q)
-    return torch.nonzero(deviation > tau).squeeze(1)
-
-
-def _kept_indices_bracketed(deviation: torch.Tensor, q: float) -> torch.Tensor:
-    """Flat indices with deviation > its q-quantile, for a large tensor, in O(n).
-
-    The sample bracket [low, high] encloses the quantile; one pass collects the
-    entries >= low (the kept ones plus the thin bracket), so the count below the
-    bracket is known, the quantile's two order statistics are selected exactly among
-    the few entries inside it, and the kept indices are a subset of those collected.
-    Massive ties (low == high) need no selection.  If the bracket misses, an exact
-    full selection takes over: the answer never depends on the sample.
-    """
-    n = deviation.numel()
-    ranks, frac = _quantile_ranks(n, q)
-    low, high = _sample_bracket(deviation, q)
-    candidates = torch.nonzero(deviation >= low).squeeze(1)
-    values = deviation[candidates]
-    below = n - candidates.numel()
-    in_window = values <= high
-    n_window = int(torch.count_nonzero(in_window))
-    if not (below <= ranks[0] and ranks[1] < below + n_window):
-        return _kept_indices_exact(deviation, q)
-    if bool(low == high):
-        tau = low
-    else:
-        window = values[in_window]
-        tau = torch.lerp(*_select(window, (ranks[0] - below, ranks[1] - below)), frac)
-    return candidates[values > tau]
-
-
-def _abs_deviation(grad: torch.Tensor) -> torch.Tensor:
-    """|g - mean g| flattened, in float32 at least (half-precision means are too coarse)."""
-    flat = grad.reshape(-1)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    return torch.sub(flat, flat.mean()).abs_()
-
-
-def kept_indices(grad: torch.Tensor, quantile: float) -> torch.Tensor:
-    """Flat indices of the entries of ``grad`` that the z-score filter keeps (see zscore_mask)."""
-    if grad.numel() <= 1:
-        return torch.empty(0, dtype=torch.long, device=grad.device)
-    deviation = _abs_deviation(grad)
-    if deviation.numel() <= _SMALL_TENSOR:
-        return _kept_indices_exact(deviation, quantile)
-    return _kept_indices_bracketed(deviation, quantile)
-
-
-def zscore_mask(grad: torch.Tensor, quantile: float) -> torch.Tensor:
-    """SPEC.md's z-score filter of one gradient tensor: True where |z| > Q_p-quantile of |z|.
-
-    z = (g - mean g) / (std g + eps) is a positive rescaling of g - mean g, and the
-    interpolated quantile commutes with positive rescaling, so the mask is computed on
-    |g - mean g| directly (sigma is never materialized).  Constant tensors and single
-    entries give an empty mask because the comparison is strict.
-    """
-    mask = torch.zeros(grad.numel(), dtype=torch.bool, device=grad.device)
-    mask[kept_indices(grad, quantile)] = True
-    return mask.view(grad.shape)
 
 
 # --------------------------------------------------------------------------------------
@@ -176,9 +54,10 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def sam_offsets(grads: list[torch.Tensor], rho: float, grad_norm: torch.Tensor | None = None) -> list[Offset]:
-    """Foret et al. (2021): e_p = rho g_p / (||g||_G + eps)."""
+    """Foret et al. (2021): e_p = rho g_p / (||g||_G + eps).  Scales ``grads`` in place."""
     grad_norm = _global_norm(grads) if grad_norm is None else grad_norm
-    return torch._foreach_mul(grads, rho / (grad_norm + EPS))
+    torch._foreach_mul_(grads, rho / (grad_norm + EPS))
+    return grads
 
 
 def asam_offsets(
@@ -234,14 +113,16 @@ def zsam_offsets(
     sam_scale = rho / (grad_norm + EPS)
     kept_entries = total_entries = 0
     filtered: list[SparseOffset | None] = []
+    weight_grads = [g for g in grads if g.ndim > 1]
+    kept = iter(kept_indices_many(weight_grads, quantile))
     for g in grads:
         if g.ndim <= 1:
             filtered.append(None)
             continue
-        indices = kept_indices(g, quantile)
+        indices = next(kept)
         kept_entries += indices.numel()
         total_entries += g.numel()
-        filtered.append(SparseOffset(indices, g.reshape(-1)[indices]) if indices.numel() else None)
+        filtered.append(SparseOffset(indices, g.reshape(-1).index_select(0, indices)) if indices.numel() else None)
     kept_fraction = kept_entries / total_entries if total_entries else 0.0
 
     if normalization == "tensor":
@@ -255,11 +136,13 @@ def zsam_offsets(
                 f.values.mul_(rho / (scales[id(f)][0] + EPS))
                 offsets.append(f)
             else:  # nothing kept, or only zeros kept: SAM's e_p
-                offsets.append(g * sam_scale)
+                offsets.append(g.mul_(sam_scale))
         return offsets, kept_fraction
 
     # global: ||g~||_G over filtered weight tensors and unfiltered ndim <= 1 tensors.
-    members = [f.values if f is not None else g for g, f in zip(grads, filtered) if f is not None or g.ndim <= 1]
+    members = [
+        f.values if f is not None else g for g, f in zip(grads, filtered) if f is not None or g.ndim <= 1
+    ]
     scale = rho / (_global_norm(members) + EPS)
     offsets = []
     for g, f in zip(grads, filtered):
@@ -267,7 +150,7 @@ def zsam_offsets(
             f.values.mul_(scale)
             offsets.append(f)
         else:
-            offsets.append(g * (scale if g.ndim <= 1 else sam_scale))
+            offsets.append(g.mul_(scale if g.ndim <= 1 else sam_scale))
     return offsets, kept_fraction
 
 
@@ -306,26 +189,35 @@ class AppliedPerturbation:
 
 
 @torch.no_grad()
-def apply_offsets(params: list[torch.Tensor], offsets: list[Offset]) -> AppliedPerturbation:
-    """Move each parameter to w + e in place, remembering the original values."""
+def apply_offsets(
+    params: list[torch.Tensor], offsets: list[Offset], backups: list[torch.Tensor] | None = None
+) -> AppliedPerturbation:
+    """Move each parameter to w + e in place, remembering the original values.
+
+    Sparse offsets remember only the touched entries.  Dense offsets copy the whole
+    tensor, into ``backups[i]`` when given (reusable buffers: on the CPU, page-faulting a
+    fresh full-size copy every step costs more than the copy itself).
+    """
     applied = AppliedPerturbation()
-    dense_params, dense_offsets = [], []
-    for p, offset in zip(params, offsets):
+    dense_params, dense_offsets, dense_backups = [], [], []
+    for i, (p, offset) in enumerate(zip(params, offsets)):
         if isinstance(offset, SparseOffset) and p.is_contiguous():
             flat = p.view(-1)
             original = flat.index_select(0, offset.indices)
             flat.index_copy_(0, offset.indices, original + offset.values.to(p.dtype))
             applied.params.append(p)
             applied.saved.append(SparseOffset(offset.indices, original))
-        else:
-            if isinstance(offset, SparseOffset):  # a non-contiguous parameter: densify
-                dense = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                offset = dense.index_copy_(0, offset.indices, offset.values.to(p.dtype)).view(p.shape)
-            dense_params.append(p)
-            dense_offsets.append(offset.to(p.dtype))
+            continue
+        if isinstance(offset, SparseOffset):  # a non-contiguous parameter: densify
+            dense = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            offset = dense.index_copy_(0, offset.indices, offset.values.to(p.dtype)).view(p.shape)
+        dense_params.append(p)
+        dense_offsets.append(offset.to(p.dtype))
+        dense_backups.append(backups[i] if backups is not None else torch.empty_like(p))
     if dense_params:
+        torch._foreach_copy_(dense_backups, dense_params)
         applied.params.extend(dense_params)
-        applied.saved.extend(torch._foreach_mul(dense_params, 1.0))  # copies of w
+        applied.saved.extend(dense_backups)
         torch._foreach_add_(dense_params, dense_offsets)
     return applied
 
@@ -345,6 +237,7 @@ class SharpnessPerturbation:
     fsam_sigma: float = 1.0
     fsam_lambda: float = 0.9
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
+    _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def offsets(
         self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], grad_norm: torch.Tensor
@@ -383,7 +276,23 @@ class SharpnessPerturbation:
             return AppliedPerturbation(), None
         offsets, kept_fraction = self.offsets(names, params, grads, grad_norm)
         stats = PerturbationStats(norm=offsets_norm(offsets), kept_fraction=kept_fraction)
-        return apply_offsets(params, offsets), stats
+        backups = [
+            None if isinstance(o, SparseOffset) else self._backup_buffer(n, p)
+            for n, p, o in zip(names, params, offsets)
+        ]
+        return apply_offsets(params, offsets, backups), stats
+
+    def _backup_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """A buffer to hold a copy of ``param``, reused from step to step."""
+        buffer = self._backups.get(name)
+        if (
+            buffer is None
+            or buffer.shape != param.shape
+            or buffer.dtype != param.dtype
+            or buffer.device != param.device
+        ):
+            buffer = self._backups[name] = torch.empty_like(param)
+        return buffer
 
     def state_dict(self) -> dict:
         return {"ema": {k: v.detach().cpu() for k, v in self.ema.items()}}

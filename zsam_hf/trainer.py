@@ -55,7 +55,9 @@ class _SharpnessMeter:
         self.sums: torch.Tensor | None = None  # [loss at w, loss at w+e, ||e||, kept fraction]
         self.perturbed_micro_batches = 0
 
-    def record(self, loss: torch.Tensor, perturbed_loss: torch.Tensor, stats: PerturbationStats | None) -> None:
+    def record(
+        self, loss: torch.Tensor, perturbed_loss: torch.Tensor, stats: PerturbationStats | None
+    ) -> None:
         if self.sums is None:
             self.sums = torch.zeros(4, device=loss.device)
         self.sums[0] += loss.detach().float()
@@ -88,7 +90,9 @@ class ZSAMTrainer(Trainer):
             )
         _refuse_unsupported_backends(args.sam_variant, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
         super().__init__(model, args, *more, **kwargs)
-        _refuse_unsupported_backends(args.sam_variant, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled)
+        _refuse_unsupported_backends(
+            args.sam_variant, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled
+        )
         self.perturbation = SharpnessPerturbation(
             variant=args.sam_variant,
             rho=args.sam_rho,
@@ -130,7 +134,9 @@ class ZSAMTrainer(Trainer):
         return loss.detach()
 
     def _trainable_parameters(self, model) -> tuple[list[str], list[torch.nn.Parameter]]:
-        named = [(n, p) for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        named = [
+            (n, p) for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad
+        ]
         return [n for n, _ in named], [p for _, p in named]
 
     def _loss_for_backward(self, model, inputs, num_items_in_batch) -> torch.Tensor:
@@ -166,7 +172,12 @@ class ZSAMTrainer(Trainer):
         present = [g for g in grads if g is not None]
         if scaling and present:  # scale() has initialized the scale tensor by now
             torch._foreach_mul_(present, scaler._get_scale_async().double().reciprocal().float())
-        if self.args.sam_sync_ascent and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if (
+            self.args.sam_sync_ascent
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             grads = _all_reduce_mean(grads, params)
         return grads
 
@@ -207,7 +218,9 @@ class ZSAMTrainer(Trainer):
         for rank in (self.args.process_index, 0):  # fewer state files than ranks: share rank 0's
             path = os.path.join(checkpoint, SAM_STATE_FILE.format(rank=rank))
             if os.path.isfile(path):
-                self.perturbation.load_state_dict(torch.load(path, weights_only=True), device=self.args.device)
+                self.perturbation.load_state_dict(
+                    torch.load(path, weights_only=True), device=self.args.device
+                )
                 return
 
 
