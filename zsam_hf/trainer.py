@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _NormBase
 from transformers import Trainer
 
+from .card import CardContext, render_model_card
 from .config import ZSAMTrainingArguments
 from .perturbation import PerturbationStats, SharpnessPerturbation
 
@@ -104,6 +106,9 @@ class ZSAMTrainer(Trainer):
         )
         self._sharpness_meter = _SharpnessMeter()
         self._sharpness_logged_step = 0
+        # What the model card should say beyond the Trainer's state; scripts fill it in:
+        # dataset, dataset_display, eval_split, base_model, command, license, tags.
+        self.model_card_info: dict = {}
 
     # ---- the two-pass step ----------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -222,6 +227,87 @@ class ZSAMTrainer(Trainer):
                     torch.load(path, weights_only=True), device=self.args.device
                 )
                 return
+
+    # ---- model card --------------------------------------------------------------------------
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write README.md in ``output_dir``: SAM hyper-parameters, schedule, results, command, BibTeX.
+
+        Called by ``push_to_hub`` like the Trainer's own; scripts call it after saving.
+        """
+        if not self.is_world_process_zero():
+            return
+        info = self.model_card_info
+        model = self.accelerator.unwrap_model(self.model)
+        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        context = CardContext(
+            model_name=model_name or info.get("model_name") or Path(self.args.output_dir).name,
+            sam=self.args.sam_hyperparameters(),
+            training=self._card_training_rows(model),
+            dataset=(dataset if isinstance(dataset, str) else None) or info.get("dataset"),
+            dataset_display=info.get("dataset_display"),
+            base_model=finetuned_from or info.get("base_model"),
+            license=license or info.get("license", "apache-2.0"),
+            metrics=self._card_metrics(info.get("eval_split", "validation")),
+            command=info.get("command"),
+            tags=[*info.get("tags", []), *extra_tags],
+            pipeline_tag="image-classification" if "ImageClassification" in type(model).__name__ else None,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        Path(self.args.output_dir, "README.md").write_text(render_model_card(context))
+
+    def _card_training_rows(self, model) -> dict:
+        args = self.args
+        optimizer = args.optim.value if hasattr(args.optim, "value") else str(args.optim)
+        if "adam" in optimizer:
+            optimizer += f" (betas=({args.adam_beta1}, {args.adam_beta2}), eps={args.adam_epsilon})"
+        rows = {
+            "architecture": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+            "optimizer": optimizer,
+            "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay,
+            "lr_scheduler_type": args.lr_scheduler_type.value
+            if hasattr(args.lr_scheduler_type, "value")
+            else args.lr_scheduler_type,
+            "warmup_steps": args.warmup_steps,
+            "train_batch_size (per device)": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "num_devices": args.world_size,
+            "total_train_batch_size": args.per_device_train_batch_size
+            * args.gradient_accumulation_steps
+            * args.world_size,
+            "num_epochs" if args.max_steps <= 0 else "max_steps": args.num_train_epochs
+            if args.max_steps <= 0
+            else args.max_steps,
+            "max_grad_norm": args.max_grad_norm,
+            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+            "seed": args.seed,
+        }
+        if self.state.global_step:
+            rows["optimizer steps run"] = self.state.global_step
+        return rows
+
+    def _card_metrics(self, eval_split: str) -> dict[str, dict[str, float]]:
+        """The latest evaluation of each split in the logs: {"validation": {"accuracy": ...}, "test": {...}}."""
+        metrics: dict[str, dict[str, float]] = {}
+        for entry in self.state.log_history:
+            for prefix, split in (("eval_", eval_split), ("test_", "test")):
+                found = {
+                    k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix) and "accuracy" in k
+                }
+                if found:
+                    metrics[split] = found
+        return metrics
 
 
 def _refuse_unsupported_backends(variant: str, deepspeed: bool, fsdp: bool) -> None:

@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""Reproduce the paper's comparison: variants x models x seeds on one dataset, with tables and plots.
+
+Defaults follow the released code (Adam, lr 1e-3, L2 5e-5, batch 256, 5 warm-up epochs then
+StepLR(30, 0.75), 200 epochs, rho 0.05, ASAM rho 0.5, Q_p 0.95); scale them down for a CPU:
+
+    python scripts/benchmark_optimizers.py --epochs 3 --max_train_samples 8000 --seeds 0 1 2 \\
+        --warmup_epochs 0.5 --step_epochs 1 --output_dir docs/benchmark
+
+Re-running the same command skips finished runs and resumes a run killed halfway.  On a
+machine with a GPU the same command uses it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+import transformers
+
+from zsam_hf.benchmark import VARIANTS, Budget, RunSpec, load_results, run_grid
+from zsam_hf.benchmark_report import plot_accuracy, plot_curves, plot_flatness, plot_sensitivity, write_tables
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="benchmark_runs/fashion_mnist", help="results, tables and plots go here")
+    p.add_argument("--dataset_name", default="fashion_mnist")
+    p.add_argument("--models", nargs="+", default=["cifar_resnet20", "paper_vit"])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=float, default=200)
+    p.add_argument("--max_train_samples", type=int, default=None, help="train subset (default: all)")
+    p.add_argument("--model_max_train_samples", nargs="*", default=[], metavar="MODEL=N",
+                   help="per-model train subset, e.g. paper_vit=4000 (overrides --max_train_samples)")  # fmt: skip
+    p.add_argument("--eval_samples_per_epoch", type=int, default=None, help="test images for the per-epoch curves")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--weight_decay", type=float, default=5e-5)
+    p.add_argument("--warmup_epochs", type=float, default=5)
+    p.add_argument("--step_epochs", type=float, default=30)
+    p.add_argument("--gamma", type=float, default=0.75)
+    p.add_argument("--rho", type=float, default=None, help="rho for sam/fsam/zsam (default 0.05; ASAM keeps 0.5)")
+    p.add_argument("--quantile", type=float, default=0.95)
+    p.add_argument("--num_workers", type=int, default=0, help="dataloader workers")
+    p.add_argument("--flatness_radii", nargs="+", type=float, default=[0.01, 0.02, 0.05])
+    p.add_argument("--flatness_directions", type=int, default=4)
+    p.add_argument("--flatness_samples", type=int, default=1000)
+    p.add_argument("--sweep_model", default="cifar_resnet20", help="model of the zsam sensitivity sweep ('' = none)")
+    p.add_argument("--sweep_quantiles", nargs="*", type=float, default=[0.5, 0.8, 0.9, 0.95, 0.99])
+    p.add_argument("--sweep_rhos", nargs="*", type=float, default=[0.01, 0.02, 0.1, 0.2])
+    p.add_argument("--sweep_epochs", type=float, default=None, help="default: half of --epochs")
+    p.add_argument("--sweep_max_train_samples", type=int, default=None, help="default: half of the grid's")
+    p.add_argument("--sweep_seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--report_only", action="store_true", help="only rebuild tables and plots from results.jsonl")
+    return p.parse_args(argv)
+
+
+def _budget(args, epochs: float, max_train_samples: int | None) -> Budget:
+    return Budget(
+        dataset_name=args.dataset_name, epochs=epochs, max_train_samples=max_train_samples,
+        eval_samples_per_epoch=args.eval_samples_per_epoch, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        step_epochs=args.step_epochs, gamma=args.gamma, rho=args.rho, quantile=args.quantile,
+        num_workers=args.num_workers,
+    )  # fmt: skip
+
+
+def specs_for(args) -> list[RunSpec]:
+    per_model = dict(item.split("=", 1) for item in args.model_max_train_samples)
+    specs = []
+    for model in args.models:
+        samples = int(per_model[model]) if model in per_model else args.max_train_samples
+        budget = _budget(args, args.epochs, samples)
+        specs += [RunSpec(model, v, seed, budget) for seed in args.seeds for v in args.variants]
+    if args.sweep_model:
+        base = args.max_train_samples or 60000
+        samples = args.sweep_max_train_samples or max(1, base // 2)
+        budget = _budget(args, args.sweep_epochs or max(1.0, args.epochs / 2), samples)
+        overrides = [{"zsam_quantile": q} for q in args.sweep_quantiles] + [{"sam_rho": r} for r in args.sweep_rhos]
+        specs += [
+            RunSpec(args.sweep_model, "zsam-global", seed, budget, o, group="sweep")
+            for seed in args.sweep_seeds
+            for o in overrides
+        ]
+    return specs
+
+
+def budget_text(args, specs: list[RunSpec]) -> str:
+    grid = [s for s in specs if s.group == "grid"]
+    per_model = {s.model: s.budget.max_train_samples or "all" for s in grid}
+    return (
+        f"Dataset {args.dataset_name}; {len(grid)} grid runs ({len(args.models)} models x {len(args.variants)} variants "
+        f"x {len(args.seeds)} seeds); {args.epochs:g} epochs; train samples per model {per_model}; batch "
+        f"{args.batch_size}; Adam lr {args.learning_rate:g}, L2 {args.weight_decay:g}; warm-up {args.warmup_epochs:g} "
+        f"epochs then x{args.gamma:g} every {args.step_epochs:g} epochs; rho {args.rho or 'variant default'}, "
+        f"Q_p {args.quantile:g}; device {'cuda' if torch.cuda.is_available() else 'cpu'} "
+        f"({torch.get_num_threads()} threads). Command: python {' '.join(sys.argv)}"
+    )
+
+
+def report(args, specs: list[RunSpec], records: list[dict]) -> str:
+    keys = {s.key() for s in specs}
+    records = [r for r in records if r["key"] in keys]
+    variants = list(VARIANTS)
+    text = write_tables(records, args.output_dir, variants, budget_text(args, specs))
+    plot_accuracy(records, os.path.join(args.output_dir, "test_accuracy.png"), variants)
+    plot_curves(records, os.path.join(args.output_dir, "test_accuracy_curves.png"), variants)
+    plot_flatness(records, os.path.join(args.output_dir, "flatness.png"), variants)
+    plot_sensitivity(records, os.path.join(args.output_dir, "sensitivity.png"))
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    transformers.utils.logging.set_verbosity_error()
+    os.makedirs(args.output_dir, exist_ok=True)
+    specs = specs_for(args)
+    with open(os.path.join(args.output_dir, "budget.json"), "w") as f:
+        json.dump({"args": vars(args), "budget": budget_text(args, specs)}, f, indent=1)
+    print(budget_text(args, specs), flush=True)
+    if args.report_only:
+        records = load_results(os.path.join(args.output_dir, "results.jsonl"))
+    else:
+        start = time.time()
+        records = run_grid(specs, args.output_dir, args.flatness_radii, args.flatness_directions,
+                           args.flatness_samples, log=lambda m: print(f"{time.time() - start:7.0f}s {m}", flush=True))  # fmt: skip
+    print(report(args, specs, records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
