@@ -72,3 +72,13 @@ def test_sam_hyperparameters_lists_what_the_variant_uses(tmp_path):
         "zsam_normalization": "global",
     }  # fmt: skip
     assert make(tmp_path, sam_variant="none").sam_hyperparameters() == {"sam_variant": "none"}
+
+
+def test_pickled_arguments_never_carry_the_hub_token(tmp_path):
+    import pickle
+
+    args = make(tmp_path, hub_token="hf_very_secret")
+    restored = pickle.loads(pickle.dumps(args))
+    assert args.hub_token == "hf_very_secret"  # still usable in memory for push_to_hub
+    assert restored.hub_token is None and restored.sam_variant == args.sam_variant
+    assert b"hf_very_secret" not in pickle.dumps(args)

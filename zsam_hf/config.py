@@ -104,6 +104,13 @@ class ZSAMTrainingArguments(TrainingArguments):
         if not isinstance(self.sam_sync_ascent, bool):
             raise _invalid("sam_sync_ascent", self.sam_sync_ascent, "expected True or False")
 
+    def __getstate__(self) -> dict:
+        """Pickles (``training_args.bin``, saved with every checkpoint and uploaded with it)
+        never carry the Hub token: it stays in memory, where push_to_hub uses it."""
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
     def sam_hyperparameters(self) -> dict:
         """The SAM-family settings that matter for this variant (for cards and logs)."""
         params = {"sam_variant": self.sam_variant}
