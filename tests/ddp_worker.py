@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from toy import RecordingTrainer, StepRecorder, TinyClassifier, make_args, vector_dataset
 
 

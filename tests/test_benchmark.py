@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy import TinyClassifier, vector_dataset
 from transformers import TrainerCallback
 
 import zsam_hf.benchmark as benchmark
-from toy import TinyClassifier, vector_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from reference import reference_offsets
 from test_trainer import loss_by_hand
 from toy import TinyClassifier

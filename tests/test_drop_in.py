@@ -1,7 +1,6 @@
 """Criterion 13: an ordinary Trainer script with only the two class names swapped."""
 
 import numpy as np
-
 from toy import image_dataset, tiny_vit
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset, Features, Image, Value
+from image_data import cifar10_like, cifar100_like, synthetic_images, tiny_imagenet_like
 from transformers import AutoImageProcessor, AutoModelForImageClassification, HfArgumentParser
 
-from image_data import cifar10_like, cifar100_like, synthetic_images, tiny_imagenet_like
 from zsam_hf import ZSAMTrainingArguments
 from zsam_hf.card import redact_command
 from zsam_hf.data import FASHION_MNIST_LABELS, load_image_dataset

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from reference import as_f64, reference_mask, reference_offsets
 from torch.overrides import TorchFunctionMode
 
-from reference import as_f64, reference_mask, reference_offsets
 from zsam_hf.perturbation import SharpnessPerturbation, SparseOffset
 from zsam_hf.selection import interpolated_quantile, zscore_mask
 

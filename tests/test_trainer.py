@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from reference import reference_offsets
 from toy import (
     RecordingTrainer,
@@ -20,6 +19,7 @@ from toy import (
     tiny_vit,
     vector_dataset,
 )
+
 from zsam_hf import ZSAMTrainer
 
 
