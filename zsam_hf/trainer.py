@@ -155,7 +155,7 @@ class ZSAMTrainer(Trainer):
             loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
         if self.args.n_gpu > 1:
             loss = loss.mean()
-        scaled_for_ga = self.loss_is_scaled_for_ga
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)  # absent before transformers 5.2x
         if scaled_for_ga is None:
             scaled_for_ga = (
                 self.model_accepts_loss_kwargs and num_items_in_batch is not None
