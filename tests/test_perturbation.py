@@ -200,3 +200,18 @@ def test_mask_of_a_30m_entry_tensor_uses_linear_selection():
     assert all(size <= n // 10 for name, size in spy.calls), spy.calls  # selections see a thin bracket
     np.testing.assert_array_equal(ours.numpy(), reference_mask(grad, 0.95))
     assert ours.sum().item() == pytest.approx(0.05 * n, rel=1e-3)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.95, 0.99])
+def test_accelerator_path_with_few_syncs_gives_the_same_masks(q, monkeypatch):
+    """The GPU path (one flat mask, one nonzero) against the reference, here on the CPU."""
+    import zsam_hf.selection as selection
+
+    gen = torch.Generator().manual_seed(5)
+    grads = [torch.randn(300, 200, generator=gen), torch.tensor([[0.3]]), torch.full((40, 5), 2.0),
+             torch.randint(-2, 3, (500, 90), generator=gen).float(), torch.randn(64, 3, 3, 3, generator=gen).half()]
+    monkeypatch.setattr(selection, "SORT_SIZE_LIMIT", 20_000)  # the largest tensor takes the selection branch
+    for grad, kept in zip(grads, selection._kept_with_few_syncs(grads, q)):
+        mask = np.zeros(grad.numel(), dtype=bool)
+        mask[kept.numpy()] = True
+        np.testing.assert_array_equal(mask.reshape(grad.shape), reference_mask(grad, q))

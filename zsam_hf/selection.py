@@ -35,6 +35,8 @@ SMALL_TENSOR = 4 * SAMPLE_SIZE
 SORT_LIMIT = 2048
 # Entries of |g - mean| materialized at a time (a cache-sized scratch buffer).
 CHUNK = 1 << 20
+# Beyond this many entries the accelerator path selects instead of sorting (sort memory).
+SORT_SIZE_LIMIT = 1 << 24
 # Large tensors are grouped into flat buffers of at most this many entries (or one tensor).
 GROUP_ENTRIES = 1 << 23
 # Odd multiplier (Knuth's golden-ratio hash) spreading sample positions over a tensor
@@ -148,10 +150,48 @@ def _kept_bracketed(flat: torch.Tensor, q: float, scratch: torch.Tensor) -> torc
     return candidates[values > torch.lerp(lower, upper, frac)]
 
 
+def _kept_with_few_syncs(grads: list[torch.Tensor], q: float) -> list[torch.Tensor]:
+    """Kept flat indices of all tensors with two host synchronizations in total (for GPUs).
+
+    On a GPU a sort is cheap and every host round trip stalls the stream, so each
+    tensor's threshold comes from a full sort (a selection beyond ``SORT_SIZE_LIMIT``),
+    the masks go into one flat buffer, and a single ``nonzero`` plus one count per
+    tensor split it back.  Exactly the same answer as the bracketed path.
+    """
+    device = grads[0].device
+    sizes = [g.numel() for g in grads]
+    mask = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
+    start = 0
+    for g, n in zip(grads, sizes):
+        if n > 1:
+            deviation = _full_deviation(_as_float(g))
+            (lo, hi), frac = quantile_ranks(n, q)
+            if n <= SORT_SIZE_LIMIT:
+                ordered = torch.sort(deviation).values
+                lower, upper = ordered[lo], ordered[hi]
+            else:
+                lower, upper = adjacent_order_statistics(deviation, lo)
+            torch.gt(deviation, torch.lerp(lower, upper, frac), out=mask[start : start + n])
+        start += n
+    kept = torch.nonzero(mask).squeeze(1)
+    ends = torch.tensor(sizes, device=device).cumsum(0)
+    counts = torch.bincount(torch.searchsorted(ends, kept, right=True), minlength=len(sizes)).tolist()
+    starts = [0, *ends.tolist()[:-1]]
+    return [part - offset for part, offset in zip(torch.split(kept, counts), starts)]
+
+
 def kept_indices_many(grads: list[torch.Tensor], quantile: float) -> list[torch.Tensor]:
-    """For each gradient tensor, the flat indices that the z-score filter keeps."""
+    """For each gradient tensor, the flat indices that the z-score filter keeps.
+
+    CPU tensors take the sampled bracket (least memory traffic); accelerator tensors the
+    sort-based path with two host synchronizations per call.
+    """
+    if not grads:
+        return []
+    if grads[0].device.type != "cpu":
+        return _kept_with_few_syncs(grads, quantile)
     results = []
-    scratch: dict[torch.device, torch.Tensor] = {}
+    scratch: torch.Tensor | None = None
     for g in grads:
         n = g.numel()
         if n <= 1:
@@ -159,9 +199,9 @@ def kept_indices_many(grads: list[torch.Tensor], quantile: float) -> list[torch.
         elif n <= SMALL_TENSOR:
             results.append(_kept_exact(_full_deviation(_as_float(g)), quantile))
         else:
-            if g.device not in scratch:
-                scratch[g.device] = torch.empty(CHUNK, dtype=torch.float32, device=g.device)
-            results.append(_kept_bracketed(_as_float(g), quantile, scratch[g.device]))
+            if scratch is None:
+                scratch = torch.empty(CHUNK, dtype=torch.float32)
+            results.append(_kept_bracketed(_as_float(g), quantile, scratch))
     return results
 
 
