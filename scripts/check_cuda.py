@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from reference import reference_offsets
 from transformers import TrainerCallback
 
-from reference import reference_offsets
 from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments, zscore_mask
 
 DEVICE = torch.device("cuda")

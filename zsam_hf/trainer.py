@@ -173,7 +173,11 @@ class ZSAMTrainer(Trainer):
             return [None] * len(params)
         scaler = self.accelerator.scaler
         scaling = scaler is not None and scaler.is_enabled()
-        grads = list(torch.autograd.grad(scaler.scale(loss) if scaling else loss, params, allow_unused=True))
+        target = scaler.scale(loss) if scaling else loss
+        if getattr(self.accelerator.unwrap_model(self.model), "is_gradient_checkpointing", False):
+            grads = _gradients_through_backward(target, params)  # reentrant checkpoints refuse autograd.grad
+        else:
+            grads = list(torch.autograd.grad(target, params, allow_unused=True))
         present = [g for g in grads if g is not None]
         if scaling and present:  # scale() has initialized the scale tensor by now
             torch._foreach_mul_(present, scaler._get_scale_async().double().reciprocal().float())
@@ -320,6 +324,18 @@ def _refuse_unsupported_backends(variant: str, deepspeed: bool, fsdp: bool) -> N
                 "needs the full, unsharded gradient of each replica. Use DDP (accelerate launch --multi_gpu "
                 "or torchrun), or sam_variant='none' for the plain Trainer."
             )
+
+
+def _gradients_through_backward(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """grad of ``loss`` via ``.backward()``, leaving each ``.grad`` as it was before."""
+    stashed = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    loss.backward()
+    grads = [p.grad for p in params]
+    for p, grad in zip(params, stashed):
+        p.grad = grad
+    return grads
 
 
 def _rng_devices(model: torch.nn.Module) -> list[int]:
