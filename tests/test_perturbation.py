@@ -215,3 +215,12 @@ def test_accelerator_path_with_few_syncs_gives_the_same_masks(q, monkeypatch):
         mask = np.zeros(grad.numel(), dtype=bool)
         mask[kept.numpy()] = True
         np.testing.assert_array_equal(mask.reshape(grad.shape), reference_mask(grad, q))
+
+
+@pytest.mark.parametrize("n,q", [(1000, 0.95), (40_000, 0.9), (300_001, 0.99), (77, 0.5)])
+def test_mask_against_torch_quantile_itself(n, q):
+    """The literal definition: torch.quantile (linear interpolation) on |z| in float64, strict >."""
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3 + 1
+    g = grad.double()
+    z = ((g - g.mean()) / (g.std() + 1e-12)).abs()
+    np.testing.assert_array_equal(zscore_mask(grad, q).numpy(), (z > torch.quantile(z, q)).numpy())
