@@ -134,7 +134,7 @@ def _kept_bracketed(flat: torch.Tensor, q: float, scratch: torch.Tensor) -> torc
         found = torch.nonzero(deviation > low if tie else deviation >= low).squeeze(1)
         values.append(deviation.index_select(0, found))
         candidates.append(found.add_(start))
-    candidates, values = torch.cat(candidates), torch.cat(values)
+    candidates, values = (candidates[0], values[0]) if len(values) == 1 else (torch.cat(candidates), torch.cat(values))
     if tie:  # candidates are the entries above the tied value; two counts place the quantile
         at_most_high = n - candidates.numel()
         below = sum(int(torch.count_nonzero(d < low)) for _, d in _deviation_chunks(flat, mean, scratch))
