@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -100,7 +101,7 @@ def budget_text(args, specs: list[RunSpec]) -> str:
         f"{args.batch_size}; Adam lr {args.learning_rate:g}, L2 {args.weight_decay:g}; warm-up {args.warmup_epochs:g} "
         f"epochs then x{args.gamma:g} every {args.step_epochs:g} epochs; rho {args.rho or 'variant default'}, "
         f"Q_p {args.quantile:g}; device {'cuda' if torch.cuda.is_available() else 'cpu'} "
-        f"({torch.get_num_threads()} threads). Command: python {' '.join(sys.argv)}"
+        f"({torch.get_num_threads()} threads). Command: python {shlex.join(sys.argv)}"
     )
 
 
