@@ -92,19 +92,25 @@ def trainer_step(trainer: ZSAMTrainer, model, batch) -> int:
     return kept[0] if kept else 0
 
 
-def time_steps(step, warmup: int, steps: int, device: str) -> tuple[float, int]:
-    kept = 0
-    times = []
-    for i in range(warmup + steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        kept = step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), kept
+def time_interleaved(steps: dict, warmup: int, repeats: int, device: str) -> tuple[dict, dict]:
+    """Median step time per row, the rows taking turns step by step.
+
+    Interleaving single steps (rather than timing one row after another) spreads a shared
+    machine's bursts of load evenly over the rows, so the ratios stay fair.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    kept: dict[str, int] = {}
+    for i in range(warmup + repeats):
+        for name, step in steps.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            kept[name] = step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}, kept
 
 
 def main() -> None:
@@ -112,10 +118,10 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per row (after warm-up)")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per row and round (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all rows (medians pooled)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of --steps (timed steps = steps x rounds)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -129,8 +135,6 @@ def main() -> None:
     model = Classifier(args.arch, 10).to(device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
-    rows: dict[str, list[float]] = {}
-    kept: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {}
         for variant in ("none", "sam", "zsam"):
@@ -149,15 +153,11 @@ def main() -> None:
             "ZSAM (ours)": lambda: trainer_step(trainers["zsam"], model, batch),
             "ZSAM (released code)": lambda: released_code_step(model, released_opt, batch, 0.05, 0.95),
         }
-        for _ in range(args.rounds):  # interleave rows so drifting machine load hits all alike
-            for name, step in steps.items():
-                median, kept[name] = time_steps(step, args.warmup, args.steps, device)
-                rows.setdefault(name, []).append(median)
+        medians, kept = time_interleaved(steps, args.warmup, args.steps * args.rounds, device)
 
-    medians = {name: statistics.median(values) for name, values in rows.items()}
     sam = medians["SAM"]
     print(f"{args.arch}, batch {args.batch_size} of {args.image_size}x{args.image_size}, device {device}, "
-          f"threads {torch.get_num_threads()}, {args.rounds}x{args.steps} timed steps per row")  # fmt: skip
+          f"threads {torch.get_num_threads()}, {args.rounds * args.steps} timed steps per row, rows interleaved")  # fmt: skip
     print(f"{'row':<24}{'median step (ms)':>18}{'vs SAM':>9}{'extra memory / params':>24}")
     for name, value in medians.items():
         print(f"{name:<24}{value * 1000:>18.1f}{value / sam:>9.2f}{kept[name] / param_bytes:>24.3f}")

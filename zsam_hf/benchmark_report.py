@@ -46,8 +46,9 @@ def write_tables(records: list[dict], out_dir: str, variants: list[str], budget_
     grid = _groups(records, "grid")
     models = sorted({m for m, _ in grid}, key=lambda m: [r["model"] for r in records].index(m))
     lines = [budget_text, ""]
-    header = "| model | variant | n | test acc. (final) | test acc. (best epoch) | test loss | "
-    header += " | ".join(f"loss increase @ r={k[9:]}" for k in flat_keys) + " | mean sharpness | wall time (s) |"
+    flat_headers = "".join(f" loss increase @ r={k[9:]} |" for k in flat_keys)
+    header = f"| model | variant | n | test acc. (final) | test acc. (best epoch) | test loss |{flat_headers}"
+    header += " mean sharpness | wall time (s) |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for model in models:
         for variant in variants:

@@ -29,7 +29,7 @@ import math
 import torch
 
 # Sample size used to bracket a quantile; tensors up to SMALL_TENSOR take an exact selection.
-SAMPLE_SIZE = 8192
+SAMPLE_SIZE = 16384
 BRACKET_SIGMAS = 3.5
 SMALL_TENSOR = 4 * SAMPLE_SIZE
 SORT_LIMIT = 2048
@@ -117,9 +117,12 @@ def _bracket(flat: torch.Tensor, mean: torch.Tensor, q: float) -> tuple[torch.Te
     sample = (flat.index_select(0, _sample_positions(flat.numel(), flat.device)) - mean).abs_()
     centre = q * (SAMPLE_SIZE - 1)
     margin = int(BRACKET_SIGMAS * math.sqrt(SAMPLE_SIZE * q * (1 - q))) + 2
-    low = torch.kthvalue(sample, max(0, math.floor(centre) - margin) + 1).values
-    high = torch.kthvalue(sample, min(SAMPLE_SIZE - 1, math.ceil(centre) + margin) + 1).values
-    return low, high
+    low_rank = max(0, math.floor(centre) - margin)
+    high_rank = min(SAMPLE_SIZE - 1, math.ceil(centre) + margin)
+    if SAMPLE_SIZE - low_rank <= SAMPLE_SIZE // 8:  # a high quantile: one partial sort of the top
+        top = torch.topk(sample, SAMPLE_SIZE - low_rank, sorted=True).values
+        return top[-1], top[SAMPLE_SIZE - 1 - high_rank]
+    return torch.kthvalue(sample, low_rank + 1).values, torch.kthvalue(sample, high_rank + 1).values
 
 
 def _kept_bracketed(flat: torch.Tensor, q: float, scratch: torch.Tensor) -> torch.Tensor:
