@@ -68,13 +68,12 @@ def asam_offsets(
     T_p = |w_p| + eta for parameters whose name contains "weight", 1 otherwise;
     e_p = rho T_p^2 g_p / (||T g||_G + eps).
     """
-    scaled = []  # T g
-    for name, p, g in zip(names, params, grads):
-        scaled.append(g * (p.detach().abs() + eta) if "weight" in name else g)
+    scales = [p.detach().abs() + eta if "weight" in name else None for name, p in zip(names, params)]  # T
+    scaled = [g if t is None else g * t for g, t in zip(grads, scales)]  # T g
     factor = rho / (_global_norm(scaled) + EPS)
     offsets = []
-    for name, p, tg in zip(names, params, scaled):
-        offsets.append(tg.mul_(p.detach().abs() + eta).mul_(factor) if "weight" in name else tg * factor)
+    for t, tg in zip(scales, scaled):
+        offsets.append(tg * factor if t is None else tg.mul_(t).mul_(factor))
     return offsets
 
 
@@ -126,14 +125,15 @@ def zsam_offsets(
     kept_fraction = kept_entries / total_entries if total_entries else 0.0
 
     if normalization == "tensor":
-        kept = [f for f in filtered if f is not None]
-        norms = torch._foreach_norm([f.values for f in kept]) if kept else []
-        positive = torch.stack(norms).gt(0).tolist() if kept else []
-        scales = dict(zip(map(id, kept), zip(norms, positive)))
+        present = [f for f in filtered if f is not None]
+        norms = torch.stack(torch._foreach_norm([f.values for f in present])) if present else None
+        positive = iter(norms.gt(0).tolist() if present else [])  # one host sync for all tensors
+        norm_of = iter(norms.unbind() if present else [])
         offsets = []
         for g, f in zip(grads, filtered):
-            if f is not None and scales[id(f)][1]:
-                f.values.mul_(rho / (scales[id(f)][0] + EPS))
+            norm, is_positive = (next(norm_of), next(positive)) if f is not None else (None, False)
+            if is_positive:
+                f.values.mul_(rho / (norm + EPS))
                 offsets.append(f)
             else:  # nothing kept, or only zeros kept: SAM's e_p
                 offsets.append(g.mul_(sam_scale))

@@ -37,8 +37,6 @@ SORT_LIMIT = 2048
 CHUNK = 1 << 20
 # Beyond this many entries the accelerator path selects instead of sorting (sort memory).
 SORT_SIZE_LIMIT = 1 << 24
-# Large tensors are grouped into flat buffers of at most this many entries (or one tensor).
-GROUP_ENTRIES = 1 << 23
 # Odd multiplier (Knuth's golden-ratio hash) spreading sample positions over a tensor
 # without touching any random-number generator (training stays reproducible).
 _HASH_MULTIPLIER = 2654435761
