@@ -55,8 +55,7 @@ def test_offsets_match_reference(variant, normalization, quantile):
     ema_ref: dict = {}
     for step in range(3):  # several steps: FSAM's EMA must evolve like the reference's
         names, params, grads = named_tensors(seed=step)
-        grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-        ours, _ = perturbation.offsets(names, params, [g.clone() for g in grads], grad_norm)
+        ours, _ = perturbation.offsets(names, params, [g.clone() for g in grads])
         expected = reference_offsets(
             variant, names, params, grads, rho, quantile=quantile, normalization=normalization, ema=ema_ref
         )
@@ -68,10 +67,9 @@ def test_global_zsam_has_norm_rho_and_tensor_zsam_has_rho_per_tensor():
     names, params, grads = named_tensors()
     keep = [i for i, n in enumerate(names) if n not in ("single.weight", "constant.weight", "zero.weight")]
     names, params, grads = [names[i] for i in keep], [params[i] for i in keep], [grads[i] for i in keep]
-    gn = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
-    glob, _ = SharpnessPerturbation(variant="zsam", rho=0.05).offsets(names, params, grads, gn)
+    glob, _ = SharpnessPerturbation(variant="zsam", rho=0.05).offsets(names, params, [g.clone() for g in grads])
     assert np.sqrt(sum((dense(o, p) ** 2).sum() for o, p in zip(glob, params))) == pytest.approx(0.05, rel=1e-5)
-    per, _ = SharpnessPerturbation(variant="zsam", rho=0.05, normalization="tensor").offsets(names, params, grads, gn)
+    per, _ = SharpnessPerturbation(variant="zsam", rho=0.05, normalization="tensor").offsets(names, params, grads)
     for o, p in zip(per, params):
         if p.ndim > 1:
             assert np.linalg.norm(dense(o, p)) == pytest.approx(0.05, rel=1e-5)
@@ -190,14 +188,24 @@ class _SelectionSpy(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_mask_of_a_30m_entry_tensor_uses_linear_selection():
+def test_mask_of_a_30m_entry_tensor_uses_linear_selection(monkeypatch):
     n = 30_000_000  # torch.quantile refuses > 2**24 entries
     grad = torch.randn(n, generator=torch.Generator().manual_seed(3)).view(6000, 5000)
+    partitioned: list[int] = []
+    real_partition = np.partition
+
+    def recording_partition(a, kth, *args, **kwargs):
+        partitioned.append(np.size(a))
+        return real_partition(a, kth, *args, **kwargs)
+
+    monkeypatch.setattr(np, "partition", recording_partition)
     with _SelectionSpy() as spy:
         ours = zscore_mask(grad, 0.95)
     sorted_sizes = [size for name, size in spy.calls if name in ("sort", "argsort", "msort", "quantile")]
     assert max(sorted_sizes, default=0) <= n // 100, spy.calls  # only a small sample is ever sorted
     assert all(size <= n // 10 for name, size in spy.calls), spy.calls  # selections see a thin bracket
+    # NumPy selections: the sample, and the candidates (the kept 5% plus a thin bracket), never all n
+    assert partitioned and max(partitioned) <= 0.06 * n, partitioned
     np.testing.assert_array_equal(ours.numpy(), reference_mask(grad, 0.95))
     assert ours.sum().item() == pytest.approx(0.05 * n, rel=1e-3)
 
@@ -211,10 +219,24 @@ def test_accelerator_path_with_few_syncs_gives_the_same_masks(q, monkeypatch):
     grads = [torch.randn(300, 200, generator=gen), torch.tensor([[0.3]]), torch.full((40, 5), 2.0),
              torch.randint(-2, 3, (500, 90), generator=gen).float(), torch.randn(64, 3, 3, 3, generator=gen).half()]
     monkeypatch.setattr(selection, "SORT_SIZE_LIMIT", 20_000)  # the largest tensor takes the selection branch
-    for grad, kept in zip(grads, selection._kept_with_few_syncs(grads, q)):
+    means = [selection.gradient_mean(g) for g in grads]
+    for grad, (kept, values) in zip(grads, selection._kept_with_few_syncs(grads, q, means)):
         mask = np.zeros(grad.numel(), dtype=bool)
         mask[kept.numpy()] = True
         np.testing.assert_array_equal(mask.reshape(grad.shape), reference_mask(grad, q))
+        assert torch.equal(values, grad.reshape(-1)[kept])
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 1000, 70_000])
+def test_torch_only_order_statistics_match_numpy(n):
+    """The accelerator's selection (kthvalue and two reductions), run here on the CPU."""
+    import zsam_hf.selection as selection
+
+    x = torch.randint(0, n // 3 + 2, (n,), generator=torch.Generator().manual_seed(n)).float()  # ties
+    ordered = np.sort(x.numpy())
+    for rank in sorted({0, n // 2, n - 2, n - 1} - {-1}):
+        lower, upper = selection._adjacent_by_kthvalue(x, rank)
+        assert (lower.item(), upper.item()) == (ordered[rank], ordered[min(rank + 1, n - 1)])
 
 
 @pytest.mark.parametrize("n,q", [(1000, 0.95), (40_000, 0.9), (300_001, 0.99), (77, 0.5)])

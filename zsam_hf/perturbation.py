@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .selection import kept_indices_many
+from .selection import gradient_mean, kept_entries_many
 
 EPS = 1e-12
 VARIANTS = ("zsam", "sam", "asam", "fsam", "none")
@@ -51,6 +51,13 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one host synchronization)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm([t.reshape(-1) for t in tensors]))).all())
 
 
 def sam_offsets(grads: list[torch.Tensor], rho: float, grad_norm: torch.Tensor | None = None) -> list[Offset]:
@@ -97,7 +104,7 @@ def fsam_offsets(
 
 
 def zsam_offsets(
-    grads: list[torch.Tensor], rho: float, quantile: float, normalization: str, grad_norm: torch.Tensor
+    grads: list[torch.Tensor], rho: float, quantile: float, normalization: str, means: list[torch.Tensor] | None = None
 ) -> tuple[list[Offset], float]:
     """ZSharp (Yun 2025): SAM's step on the z-score filtered gradient.
 
@@ -106,22 +113,21 @@ def zsam_offsets(
     formula) scales the filtered gradient of all tensors together to norm rho;
     ``tensor`` (the released code) scales each weight tensor to norm rho on its own.
     A weight tensor whose mask is empty falls back to SAM's e_p = rho g_p / (||g||_G + eps).
+    ``means`` are the weight gradients' means (``gradient_mean``), when already known.
 
     Returns the offsets and the fraction of weight-tensor entries kept.
     """
-    sam_scale = rho / (grad_norm + EPS)
     kept_entries = total_entries = 0
     filtered: list[SparseOffset | None] = []
-    weight_grads = [g for g in grads if g.ndim > 1]
-    kept = iter(kept_indices_many(weight_grads, quantile))
+    kept = iter(kept_entries_many([g for g in grads if g.ndim > 1], quantile, means))
     for g in grads:
         if g.ndim <= 1:
             filtered.append(None)
             continue
-        indices = next(kept)
+        indices, values = next(kept)
         kept_entries += indices.numel()
         total_entries += g.numel()
-        filtered.append(SparseOffset(indices, g.reshape(-1).index_select(0, indices)) if indices.numel() else None)
+        filtered.append(SparseOffset(indices, values) if indices.numel() else None)
     kept_fraction = kept_entries / total_entries if total_entries else 0.0
 
     if normalization == "tensor":
@@ -129,17 +135,19 @@ def zsam_offsets(
         norms = torch.stack(torch._foreach_norm([f.values for f in present])) if present else None
         positive = iter(norms.gt(0).tolist() if present else [])  # one host sync for all tensors
         norm_of = iter(norms.unbind() if present else [])
+        scaled = [(next(norm_of), next(positive)) if f is not None else (None, False) for f in filtered]
+        sam_scale = _sam_scale_if(not all(ok for _, ok in scaled), grads, rho)
         offsets = []
-        for g, f in zip(grads, filtered):
-            norm, is_positive = (next(norm_of), next(positive)) if f is not None else (None, False)
+        for g, f, (norm, is_positive) in zip(grads, filtered, scaled):
             if is_positive:
                 f.values.mul_(rho / (norm + EPS))
                 offsets.append(f)
-            else:  # nothing kept, or only zeros kept: SAM's e_p
+            else:  # nothing kept, or only zeros kept (or a bias): SAM's e_p
                 offsets.append(g.mul_(sam_scale))
         return offsets, kept_fraction
 
     # global: ||g~||_G over filtered weight tensors and unfiltered ndim <= 1 tensors.
+    sam_scale = _sam_scale_if(any(f is None for g, f in zip(grads, filtered) if g.ndim > 1), grads, rho)
     members = [
         f.values if f is not None else g for g, f in zip(grads, filtered) if f is not None or g.ndim <= 1
     ]
@@ -152,6 +160,11 @@ def zsam_offsets(
         else:
             offsets.append(g.mul_(scale if g.ndim <= 1 else sam_scale))
     return offsets, kept_fraction
+
+
+def _sam_scale_if(needed: bool, grads: list[torch.Tensor], rho: float) -> torch.Tensor | None:
+    """SAM's rho / ||g||_G, computed only when some tensor falls back to it (a full pass over g)."""
+    return rho / (_global_norm(grads) + EPS) if needed else None
 
 
 def offsets_norm(offsets: list[Offset]) -> torch.Tensor:
@@ -240,21 +253,31 @@ class SharpnessPerturbation:
     _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def offsets(
-        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], grad_norm: torch.Tensor
-    ) -> tuple[list[Offset], float | None]:
-        """e for each parameter (aligned with ``params``) and the zsam kept fraction."""
+        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> tuple[list[Offset], float | None] | None:
+        """e for each parameter (aligned with ``params``) and the zsam kept fraction.
+
+        None when the ascent gradient is not finite (an fp16 overflow).  The check
+        reuses a number each variant computes anyway: ||g||_G, or for zsam the means.
+        """
         if self.variant == "zsam":
-            return zsam_offsets(grads, self.rho, self.quantile, self.normalization, grad_norm)
+            means = [gradient_mean(g) for g in grads if g.ndim > 1]
+            if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)]):
+                return None
+            return zsam_offsets(grads, self.rho, self.quantile, self.normalization, means)
+        if self.variant not in VARIANTS[:-1]:
+            raise ValueError(f"sam_variant={self.variant!r} has no perturbation; expected one of {VARIANTS[:-1]}")
+        grad_norm = _global_norm(grads)
+        if not bool(torch.isfinite(grad_norm)):
+            return None
         if self.variant == "sam":
             return sam_offsets(grads, self.rho, grad_norm), None
         if self.variant == "asam":
             return asam_offsets(names, params, grads, self.rho, self.asam_eta), None
-        if self.variant == "fsam":
-            ema = [self.ema.get(n) for n in names]
-            offsets = fsam_offsets(grads, ema, self.rho, self.fsam_sigma, self.fsam_lambda)
-            self.ema.update(zip(names, ema))
-            return offsets, None
-        raise ValueError(f"sam_variant={self.variant!r} has no perturbation; expected one of {VARIANTS[:-1]}")
+        ema = [self.ema.get(n) for n in names]
+        offsets = fsam_offsets(grads, ema, self.rho, self.fsam_sigma, self.fsam_lambda)
+        self.ema.update(zip(names, ema))
+        return offsets, None
 
     def perturb(
         self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor | None]
@@ -271,10 +294,10 @@ class SharpnessPerturbation:
         names = [names[i] for i in present]
         params = [params[i] for i in present]
         grads = [grads[i] for i in present]
-        grad_norm = _global_norm(grads)
-        if not bool(torch.isfinite(grad_norm)):
+        result = self.offsets(names, params, grads)
+        if result is None:
             return AppliedPerturbation(), None
-        offsets, kept_fraction = self.offsets(names, params, grads, grad_norm)
+        offsets, kept_fraction = result
         stats = PerturbationStats(norm=offsets_norm(offsets), kept_fraction=kept_fraction)
         backups = [
             None if isinstance(o, SparseOffset) else self._backup_buffer(n, p)

@@ -8,38 +8,42 @@ deviation d = |g - mean g| and the standard deviation is never materialized.
 
 A full selection per tensor (``kthvalue``, ``torch.quantile``, a sort) costs more than
 the rest of the step's bookkeeping together, and ``torch.quantile`` refuses tensors of
-more than 2^24 entries.  Instead, for each large tensor:
+more than 2^24 entries.  Instead, on the CPU, for each large tensor:
 
-1. a fixed pseudo-random sample of d gives a bracket [low, high] that holds the
+1. an evenly strided sample of d gives a bound ``low`` that lies just below the
    quantile with overwhelming probability;
-2. one pass collects the candidates d >= low (the kept entries plus the thin bracket),
-   which also tells how many entries lie below the bracket;
-3. the quantile's two order statistics are selected exactly among the candidates inside
-   the bracket, and the kept entries are the candidates above the quantile.
+2. one pass over cache-sized chunks collects the candidates d >= low (the kept entries
+   plus a thin margin) with their gradient values, which also tells how many entries
+   lie below the bound;
+3. the quantile's two order statistics are selected exactly among the candidates, and
+   the kept entries are the candidates above the quantile.
 
-If a bracket misses, an exact full selection takes over for that tensor: the answer
-never depends on the sample.
+If the bound misses (lies above the quantile), an exact full selection takes over for
+that tensor: the answer never depends on the sample.  Selections on the CPU go through NumPy's ``partition``
+(vectorized, an order of magnitude faster than ``torch.kthvalue`` there); comparisons
+that feed ``torch.nonzero`` go through NumPy too, for the same reason.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
+import numpy as np
 import torch
 
-# Sample size used to bracket a quantile; tensors up to SMALL_TENSOR take an exact selection.
-SAMPLE_SIZE = 16384
+# Largest sample drawn to bracket a quantile; tensors up to SMALL_TENSOR take an exact selection.
+MAX_SAMPLE = 1 << 16
 BRACKET_SIGMAS = 3.5
-SMALL_TENSOR = 4 * SAMPLE_SIZE
-SORT_LIMIT = 2048
-# Entries of |g - mean| materialized at a time (a cache-sized scratch buffer).
-CHUNK = 1 << 20
+SMALL_TENSOR = 1 << 16
+# Entries of |g - mean| materialized at a time (a buffer that stays in cache).
+CHUNK = 1 << 18
 # Beyond this many entries the accelerator path selects instead of sorting (sort memory).
 SORT_SIZE_LIMIT = 1 << 24
-# Odd multiplier (Knuth's golden-ratio hash) spreading sample positions over a tensor
-# without touching any random-number generator (training stays reproducible).
-_HASH_MULTIPLIER = 2654435761
+SORT_LIMIT = 2048
+# Sample strides avoid these primes, so a sample never locks onto a kernel's row or tap.
+_SMALL_PRIMES = 2 * 3 * 5 * 7
+
+Kept = tuple[torch.Tensor, torch.Tensor]  # flat indices, gradient values there
 
 
 def quantile_ranks(n: int, q: float) -> tuple[tuple[int, int], float]:
@@ -49,12 +53,22 @@ def quantile_ranks(n: int, q: float) -> tuple[tuple[int, int], float]:
     return (lo, min(lo + 1, n - 1)), pos - lo
 
 
-def adjacent_order_statistics(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The order statistics at 0-based ranks ``rank`` and ``rank + 1`` (clamped), O(n).
+def _adjacent_on_cpu(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order statistics ``rank`` and ``rank + 1`` through NumPy's vectorized partition."""
+    exact = values if values.dtype in (torch.float32, torch.float64) else values.float()
+    arr = np.partition(exact.contiguous().numpy(), rank)
+    lower = arr[rank]
+    upper = arr[rank + 1 :].min() if rank + 1 < arr.size else lower
+    as_tensor = lambda x: torch.tensor(x, dtype=exact.dtype).to(values.dtype)  # noqa: E731
+    return as_tensor(lower), as_tensor(upper)
+
+
+def _adjacent_by_kthvalue(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order statistics ``rank`` and ``rank + 1`` with torch ops only (no host synchronization).
 
     One selection finds the lower; the upper is the same value when it is repeated
     enough, else the smallest value above it: two cheap reductions instead of a second
-    selection, and no host synchronization.
+    selection.
     """
     n = values.numel()
     if n <= SORT_LIMIT:
@@ -66,6 +80,13 @@ def adjacent_order_statistics(values: torch.Tensor, rank: int) -> tuple[torch.Te
     at_most_lower = torch.count_nonzero(values <= lower)
     smallest_above = torch.where(values > lower, values, torch.inf).min()
     return lower, torch.where(at_most_lower > rank + 1, lower, smallest_above)
+
+
+def adjacent_order_statistics(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The order statistics at 0-based ranks ``rank`` and ``rank + 1`` (clamped), O(n)."""
+    if values.device.type == "cpu":
+        return _adjacent_on_cpu(values, rank)
+    return _adjacent_by_kthvalue(values, rank)
 
 
 def interpolated_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -84,88 +105,166 @@ def _as_float(grad: torch.Tensor) -> torch.Tensor:
     return flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
 
 
-def _deviation_chunks(flat: torch.Tensor, mean: torch.Tensor, scratch: torch.Tensor):
-    """Yield (start, |g - mean|) over consecutive chunks of ``flat``, computed into ``scratch``.
+def gradient_mean(grad: torch.Tensor) -> torch.Tensor:
+    """mean g as the filter computes it (in float32 for half-precision gradients)."""
+    return _as_float(grad).mean()
 
-    Chunks that fit in cache, in one buffer reused for every tensor of the step: on the
-    CPU a fresh tensor-sized allocation costs more in page faults than the arithmetic.
+
+def _positions_above(values: torch.Tensor, bound, inclusive: bool = False, buffer: np.ndarray | None = None):
+    """Positions where ``values > bound`` (``>=`` if inclusive), for a CPU tensor.
+
+    NumPy compares into a byte mask several times faster than torch does.  Its
+    ``nonzero`` then takes a branch-free loop when more than a tenth of the bytes are
+    set, and a branchy one (slower than torch's) below that.  Our masks are ~5% dense,
+    so a run of set bytes (an eighth of the length) is appended and its positions
+    dropped: the branch-free loop over 9/8 of the mask beats any scan of the sparse one.
     """
+    arr = values.numpy()
+    size = arr.size
+    pad = size // 8 + 1
+    if buffer is None or buffer.size < size + pad:
+        buffer = np.empty(size + pad, dtype=bool)
+    mask = buffer[: size + pad]
+    (np.greater_equal if inclusive else np.greater)(arr, arr.dtype.type(bound), out=mask[:size])
+    mask[size:] = True
+    positions = np.flatnonzero(mask)
+    return torch.from_numpy(positions[: positions.size - pad])
+
+
+def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
+    """A full selection on |g - mean|: small tensors, and the fallback of a missed bracket."""
+    deviation = (flat - mean).abs_()
+    (lo, _), frac = quantile_ranks(flat.numel(), q)
+    threshold = torch.lerp(*adjacent_order_statistics(deviation, lo), frac)
+    kept = _positions_above(deviation, threshold)
+    return kept, flat.index_select(0, kept)
+
+
+class _Workspace:
+    """Chunk-sized buffers reused for every tensor of a step.
+
+    On the CPU a fresh tensor-sized allocation costs more in page faults than the
+    arithmetic, and a chunk that stays in cache makes each pass over it cheap.
+    """
+
+    def __init__(self):
+        self.mask = np.empty(CHUNK + CHUNK // 8 + 1, dtype=bool)
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+
+    def scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._scratch:
+            self._scratch[dtype] = torch.empty(CHUNK, dtype=dtype)
+        return self._scratch[dtype]
+
+
+def _deviation_chunks(flat: torch.Tensor, mean: torch.Tensor, scratch: torch.Tensor):
+    """Yield (start, gradient chunk, |chunk - mean|) over consecutive chunks, |.| in ``scratch``."""
     step = scratch.numel()
     for start in range(0, flat.numel(), step):
         part = flat[start : start + step]
-        yield start, torch.sub(part, mean, out=scratch[: part.numel()]).abs_()
+        yield start, part, torch.sub(part, mean, out=scratch[: part.numel()]).abs_()
 
 
-def _full_deviation(flat: torch.Tensor) -> torch.Tensor:
-    return (flat - flat.mean()).abs_()
+def _coprime_stride(stride: int) -> int:
+    """The first stride >= ``stride`` sharing no factor with 2, 3, 5 or 7."""
+    stride = max(stride, 1)
+    while math.gcd(stride, _SMALL_PRIMES) != 1:
+        stride += 1
+    return stride
 
 
-def _kept_exact(deviation: torch.Tensor, q: float) -> torch.Tensor:
-    return torch.nonzero(deviation > interpolated_quantile(deviation, q)).squeeze(1)
+def _sample(flat: torch.Tensor, mean: torch.Tensor) -> np.ndarray:
+    """|g - mean| at evenly strided positions: (4n)^(2/3) of them, at most MAX_SAMPLE.
+
+    That size balances the selection on the sample against the extra candidates that
+    the bound's safety margin (shrinking as 1/sqrt(sample)) lets in; strided reads are
+    prefetched, unlike scattered ones, and the stride is coprime with small kernel sizes.
+    """
+    n = flat.numel()
+    stride = _coprime_stride(n // min(MAX_SAMPLE, int((4 * n) ** (2 / 3))))
+    return (flat[stride // 2 :: stride] - mean).abs_().numpy()
 
 
-@functools.lru_cache(maxsize=256)
-def _sample_positions(n: int, device: torch.device) -> torch.Tensor:
-    """SAMPLE_SIZE fixed pseudo-random positions spread over a tensor of n entries."""
-    return torch.arange(SAMPLE_SIZE, device=device, dtype=torch.long) * _HASH_MULTIPLIER % n
+def _bracket(sample: np.ndarray, q: float):
+    """Sample order statistics BRACKET_SIGMAS binomial rank deviations either side of q.
 
-
-def _bracket(flat: torch.Tensor, mean: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two sample order statistics of |g - mean|, BRACKET_SIGMAS rank deviations either side of q."""
-    sample = (flat.index_select(0, _sample_positions(flat.numel(), flat.device)) - mean).abs_()
-    centre = q * (SAMPLE_SIZE - 1)
-    margin = int(BRACKET_SIGMAS * math.sqrt(SAMPLE_SIZE * q * (1 - q))) + 2
+    The lower one bounds the quantile from below; both equal means a run of tied values
+    straddles the quantile.
+    """
+    m = sample.size
+    centre = q * (m - 1)
+    margin = int(BRACKET_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
     low_rank = max(0, math.floor(centre) - margin)
-    high_rank = min(SAMPLE_SIZE - 1, math.ceil(centre) + margin)
-    if SAMPLE_SIZE - low_rank <= SAMPLE_SIZE // 8:  # a high quantile: one partial sort of the top
-        top = torch.topk(sample, SAMPLE_SIZE - low_rank, sorted=True).values
-        return top[-1], top[SAMPLE_SIZE - 1 - high_rank]
-    return torch.kthvalue(sample, low_rank + 1).values, torch.kthvalue(sample, high_rank + 1).values
+    high_rank = min(m - 1, math.ceil(centre) + margin)
+    upper_part = np.partition(sample, low_rank)[low_rank:]
+    return upper_part[0], np.partition(upper_part, high_rank - low_rank)[high_rank - low_rank]
 
 
-def _kept_bracketed(flat: torch.Tensor, q: float, scratch: torch.Tensor) -> torch.Tensor:
-    """Kept flat indices of a large tensor: sample bracket, one collecting pass, small selection."""
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspace) -> Kept:
+    """Kept entries of a large tensor: a sampled bound, one collecting pass, a small selection."""
     n = flat.numel()
     (lo, hi), frac = quantile_ranks(n, q)
-    mean = flat.mean()
-    low, high = _bracket(flat, mean, q)
+    low, high = _bracket(_sample(flat, mean), q)
     tie = bool(low == high)  # e.g. the zero taps of 3x3 kernels on 1x1 feature maps
-    candidates, values = [], []
-    for start, deviation in _deviation_chunks(flat, mean, scratch):
-        found = torch.nonzero(deviation > low if tie else deviation >= low).squeeze(1)
-        values.append(deviation.index_select(0, found))
-        candidates.append(found.add_(start))
-    candidates, values = (candidates[0], values[0]) if len(values) == 1 else (torch.cat(candidates), torch.cat(values))
+    indices, values = [], []
+    for start, part, deviation in _deviation_chunks(flat, mean, work.scratch(flat.dtype)):
+        found = _positions_above(deviation, low, inclusive=not tie, buffer=work.mask)
+        values.append(part.index_select(0, found))
+        indices.append(found.add_(start))
+    indices, values = _concat(indices), _concat(values)
+    deviation = (values - mean).abs_()  # the very numbers the chunks compared
     if tie:  # candidates are the entries above the tied value; two counts place the quantile
-        at_most_high = n - candidates.numel()
-        below = sum(int(torch.count_nonzero(d < low)) for _, d in _deviation_chunks(flat, mean, scratch))
+        at_most_high = n - indices.numel()
+        below = sum(
+            int(np.count_nonzero(d.numpy() < low)) for _, _, d in _deviation_chunks(flat, mean, work.scratch(flat.dtype))
+        )
         if below <= lo and hi < at_most_high:
-            return candidates
-        return _kept_exact(_full_deviation(flat), q)
-    below = n - candidates.numel()
-    in_bracket = values <= high
-    n_bracket = int(torch.count_nonzero(in_bracket))
-    if not (below <= lo and hi < below + n_bracket):
-        return _kept_exact(_full_deviation(flat), q)  # the sample misled us: select exactly
-    lower, upper = adjacent_order_statistics(values[in_bracket], lo - below)
-    return candidates[values > torch.lerp(lower, upper, frac)]
+            return indices, values
+        return _kept_exact(flat, mean, q)
+    below = n - indices.numel()
+    if below > lo:
+        return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
+    threshold = torch.lerp(*adjacent_order_statistics(deviation, lo - below), frac)
+    keep = _positions_above(deviation, threshold)
+    return indices.index_select(0, keep), values.index_select(0, keep)
 
 
-def _kept_with_few_syncs(grads: list[torch.Tensor], q: float) -> list[torch.Tensor]:
-    """Kept flat indices of all tensors with two host synchronizations in total (for GPUs).
+def _kept_on_cpu(grads: list[torch.Tensor], q: float, means: list[torch.Tensor]) -> list[Kept]:
+    work = None
+    results = []
+    for g, mean in zip(grads, means):
+        flat = _as_float(g)
+        if flat.numel() <= 1:
+            kept = torch.empty(0, dtype=torch.long), flat[:0]
+        elif flat.numel() <= SMALL_TENSOR:
+            kept = _kept_exact(flat, mean, q)
+        else:
+            work = work or _Workspace()
+            kept = _kept_bracketed(flat, mean, q, work)
+        indices, values = kept
+        results.append((indices, values.to(g.dtype)))
+    return results
+
+
+def _kept_with_few_syncs(grads: list[torch.Tensor], q: float, means: list[torch.Tensor]) -> list[Kept]:
+    """Kept entries of all tensors with two host synchronizations in total (for GPUs).
 
     On a GPU a sort is cheap and every host round trip stalls the stream, so each
     tensor's threshold comes from a full sort (a selection beyond ``SORT_SIZE_LIMIT``),
     the masks go into one flat buffer, and a single ``nonzero`` plus one count per
-    tensor split it back.  Exactly the same answer as the bracketed path.
+    tensor split it back.  Exactly the same answer as the CPU path.
     """
     device = grads[0].device
     sizes = [g.numel() for g in grads]
     mask = torch.zeros(sum(sizes), dtype=torch.bool, device=device)
     start = 0
-    for g, n in zip(grads, sizes):
+    for g, mean, n in zip(grads, means, sizes):
         if n > 1:
-            deviation = _full_deviation(_as_float(g))
+            deviation = (_as_float(g) - mean).abs_()
             (lo, hi), frac = quantile_ranks(n, q)
             if n <= SORT_SIZE_LIMIT:
                 ordered = torch.sort(deviation).values
@@ -178,37 +277,33 @@ def _kept_with_few_syncs(grads: list[torch.Tensor], q: float) -> list[torch.Tens
     ends = torch.tensor(sizes, device=device).cumsum(0)
     counts = torch.bincount(torch.searchsorted(ends, kept, right=True), minlength=len(sizes)).tolist()
     starts = [0, *ends.tolist()[:-1]]
-    return [part - offset for part, offset in zip(torch.split(kept, counts), starts)]
+    results = []
+    for g, part, offset in zip(grads, torch.split(kept, counts), starts):
+        indices = part - offset
+        results.append((indices, g.reshape(-1).index_select(0, indices)))
+    return results
 
 
-def kept_indices_many(grads: list[torch.Tensor], quantile: float) -> list[torch.Tensor]:
-    """For each gradient tensor, the flat indices that the z-score filter keeps.
+def kept_entries_many(
+    grads: list[torch.Tensor], quantile: float, means: list[torch.Tensor] | None = None
+) -> list[Kept]:
+    """For each gradient tensor, the flat indices the z-score filter keeps and g there.
 
+    ``means`` (from ``gradient_mean``) saves a pass when the caller has them already.
     CPU tensors take the sampled bracket (least memory traffic); accelerator tensors the
     sort-based path with two host synchronizations per call.
     """
     if not grads:
         return []
+    means = [gradient_mean(g) for g in grads] if means is None else means
     if grads[0].device.type != "cpu":
-        return _kept_with_few_syncs(grads, quantile)
-    results = []
-    scratch: torch.Tensor | None = None
-    for g in grads:
-        n = g.numel()
-        if n <= 1:
-            results.append(torch.empty(0, dtype=torch.long, device=g.device))
-        elif n <= SMALL_TENSOR:
-            results.append(_kept_exact(_full_deviation(_as_float(g)), quantile))
-        else:
-            if scratch is None:
-                scratch = torch.empty(CHUNK, dtype=torch.float32)
-            results.append(_kept_bracketed(_as_float(g), quantile, scratch))
-    return results
+        return _kept_with_few_syncs(grads, quantile, means)
+    return _kept_on_cpu(grads, quantile, means)
 
 
 def kept_indices(grad: torch.Tensor, quantile: float) -> torch.Tensor:
     """Flat indices of the entries of one gradient tensor that the z-score filter keeps."""
-    return kept_indices_many([grad], quantile)[0]
+    return kept_entries_many([grad], quantile)[0][0]
 
 
 def zscore_mask(grad: torch.Tensor, quantile: float) -> torch.Tensor:
