@@ -295,6 +295,7 @@ def kept_entries_many(
     """
     if not grads:
         return []
+    grads = [g.detach() for g in grads]
     means = [gradient_mean(g) for g in grads] if means is None else means
     if grads[0].device.type != "cpu":
         return _kept_with_few_syncs(grads, quantile, means)
