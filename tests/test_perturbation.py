@@ -246,3 +246,20 @@ def test_mask_against_torch_quantile_itself(n, q):
     g = grad.double()
     z = ((g - g.mean()) / (g.std() + 1e-12)).abs()
     np.testing.assert_array_equal(zscore_mask(grad, q).numpy(), (z > torch.quantile(z, q)).numpy())
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 63, 64, 65, 1000, 262_147])
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 0.5, 1.0])
+def test_positions_above_match_numpy(size, density):
+    """The two-step branch-free position search, against a plain np.flatnonzero."""
+    import zsam_hf.selection as selection
+
+    gen = torch.Generator().manual_seed(size)
+    values = torch.rand(size, generator=gen)
+    values[: size // 3] = 0.5  # a run of ties at the bound
+    bound = 1.0 - density
+    for inclusive in (False, True):
+        expected = np.flatnonzero(values.numpy() >= bound if inclusive else values.numpy() > bound)
+        for buffer in (None, np.ones(2 * size + 64, dtype=bool)):  # a reused buffer holds stale bytes
+            got = selection._positions_above(values, bound, inclusive=inclusive, buffer=buffer)
+            np.testing.assert_array_equal(got.numpy(), expected)
