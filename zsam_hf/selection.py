@@ -57,10 +57,9 @@ def _adjacent_on_cpu(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
     """Order statistics ``rank`` and ``rank + 1`` through NumPy's vectorized partition."""
     exact = values if values.dtype in (torch.float32, torch.float64) else values.float()
     arr = np.partition(exact.contiguous().numpy(), rank)
-    lower = arr[rank]
-    upper = arr[rank + 1 :].min() if rank + 1 < arr.size else lower
-    as_tensor = lambda x: torch.tensor(x, dtype=exact.dtype).to(values.dtype)  # noqa: E731
-    return as_tensor(lower), as_tensor(upper)
+    upper = arr[rank + 1 :].min() if rank + 1 < arr.size else arr[rank]
+    pair = torch.tensor([arr[rank], upper], dtype=exact.dtype).to(values.dtype)
+    return pair[0], pair[1]
 
 
 def _adjacent_by_kthvalue(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +139,7 @@ def _positions_above(values: torch.Tensor, bound, inclusive: bool = False, buffe
 
 
 def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
-    """A full selection on |g - mean|: small tensors, and the fallback of a missed bracket."""
+    """A full selection on |g - mean|: small tensors, and the fallback when a bound misses."""
     deviation = (flat - mean).abs_()
     (lo, _), frac = quantile_ranks(flat.numel(), q)
     threshold = torch.lerp(*adjacent_order_statistics(deviation, lo), frac)
@@ -218,8 +217,9 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     (lo, hi), frac = quantile_ranks(n, q)
     low, high = _bracket(_sample(flat, mean), q)
     tie = bool(low == high)  # e.g. the zero taps of 3x3 kernels on 1x1 feature maps
+    scratch = work.scratch(flat.dtype)
     indices, values = [], []
-    for start, part, deviation in _deviation_chunks(flat, mean, work.scratch(flat.dtype)):
+    for start, part, deviation in _deviation_chunks(flat, mean, scratch):
         found = _positions_above(deviation, low, inclusive=not tie, buffer=work.mask)
         values.append(part.index_select(0, found))
         indices.append(found.add_(start))
@@ -227,9 +227,7 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     deviation = (values - mean).abs_()  # the very numbers the chunks compared
     if tie:  # candidates are the entries above the tied value; two counts place the quantile
         at_most_high = n - indices.numel()
-        below = sum(
-            int(np.count_nonzero(d.numpy() < low)) for _, _, d in _deviation_chunks(flat, mean, work.scratch(flat.dtype))
-        )
+        below = sum(int(np.count_nonzero(d.numpy() < low)) for _, _, d in _deviation_chunks(flat, mean, scratch))
         if below <= lo and hi < at_most_high:
             return indices, values
         return _kept_exact(flat, mean, q)
@@ -298,7 +296,7 @@ def kept_entries_many(
     """For each gradient tensor, the flat indices the z-score filter keeps and g there.
 
     ``means`` (from ``gradient_mean``) saves a pass when the caller has them already.
-    CPU tensors take the sampled bracket (least memory traffic); accelerator tensors the
+    CPU tensors take the sampled bound (least memory traffic); accelerator tensors the
     sort-based path with two host synchronizations per call.
     """
     if not grads:
