@@ -28,7 +28,7 @@ def named_tensors(seed: int = 0):
         "conv.bias": (8,),
         "bn.weight": (8,),
         "bn.bias": (8,),
-        "big.weight": (300, 120),  # large enough for the bracketed selection
+        "big.weight": (300, 240),  # large enough for the bracketed selection (> SMALL_TENSOR)
         "fc.weight": (10, 16),
         "fc.bias": (10,),
         "cls_token": (1, 1, 16),
@@ -104,10 +104,12 @@ def test_zsam_keeps_far_less_than_a_weight_copy():
     assert sam.extra_bytes() == param_bytes
 
 
-def test_non_finite_gradient_means_no_perturbation():
+@pytest.mark.parametrize("where,value", [("big.weight", float("inf")), ("big.weight", float("nan")),
+                                         ("fc.weight", float("-inf")), ("bn.bias", float("nan"))])  # fmt: skip
+def test_non_finite_gradient_means_no_perturbation(where, value):
     names, params, grads = named_tensors()
     original = [p.clone() for p in params]
-    grads[4][3, 7] = float("inf")
+    grads[names.index(where)].view(-1)[3] = value
     for variant in ("sam", "zsam", "asam", "fsam"):
         applied, stats = SharpnessPerturbation(variant=variant).perturb(names, params, grads)
         assert stats is None and applied.params == []
