@@ -126,6 +126,26 @@ def test_card_metadata_for_a_fine_tuned_hub_model():
     assert "fine-tuned version of [google/vit-base-patch16-224-in21k]" in card
 
 
+def test_a_built_wheel_carries_the_card_template_and_renders_cards(tmp_path):
+    """A regular (non-editable) install has no repository around it: the template must ship inside."""
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root),
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)  # fmt: skip
+    [wheel] = (tmp_path / "wheel").glob("zsam_hf-*.whl")
+    import zipfile
+
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    probe = (
+        "import zsam_hf.card as c; "
+        "print(c.__file__); "
+        "print(c.render_model_card(c.CardContext(model_name='m', sam={'sam_variant': 'zsam'}, training={})))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    assert out.startswith(str(tmp_path / "site"))  # the wheel's copy, not the repository's
+    assert "Z-Score Filtered Sharpness-Aware Minimization" in out and "trained from scratch" in out
+
+
 def test_command_in_card_never_carries_a_token():
     line = redact_command(["train.py", "--hub_token", "hf_secret", "--token=hf_other", "--lr", "1"])
     assert "hf_secret" not in line and "hf_other" not in line and "--hub_token '<redacted>'" in line

@@ -16,7 +16,10 @@ from string import Template
 
 import yaml
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "zsam_image_classification.md"
+# The template lives in the repository's model_cards/; a wheel carries it as zsam_hf/model_cards/
+# (see pyproject.toml), while a source checkout or an editable install reads it in place.
+_TEMPLATE_DIRS = (Path(__file__).resolve().parent / "model_cards", Path(__file__).resolve().parent.parent / "model_cards")
+TEMPLATE = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[-1]) / "zsam_image_classification.md"
 SECRET_FLAGS = ("--hub_token", "--token", "--hf_token")
 
 METHOD_NAMES = {
