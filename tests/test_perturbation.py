@@ -230,10 +230,11 @@ def test_accelerator_path_with_few_syncs_gives_the_same_masks(q, monkeypatch):
 
 
 @pytest.mark.parametrize("n", [1, 2, 10, 1000, 70_000])
-def test_torch_only_order_statistics_match_numpy(n):
-    """The accelerator's selection (kthvalue and two reductions), run here on the CPU."""
+def test_torch_only_order_statistics_match_numpy(n, monkeypatch):
+    """The accelerator's selection (a sort, or kthvalue and two reductions), run here on the CPU."""
     import zsam_hf.selection as selection
 
+    monkeypatch.setattr(selection, "SORT_SIZE_LIMIT", 100)  # 1000 and 70_000 take kthvalue
     x = torch.randint(0, n // 3 + 2, (n,), generator=torch.Generator().manual_seed(n)).float()  # ties
     ordered = np.sort(x.numpy())
     for rank in sorted({0, n // 2, n - 2, n - 1} - {-1}):

@@ -39,7 +39,6 @@ SMALL_TENSOR = 1 << 16
 CHUNK = 1 << 18
 # Beyond this many entries the accelerator path selects instead of sorting (sort memory).
 SORT_SIZE_LIMIT = 1 << 24
-SORT_LIMIT = 2048
 # Up to this many entries a CPU selection sorts (robust to ties) instead of partitioning.
 SORT_ON_CPU = 1 << 16
 # Sample strides avoid these primes, so a sample never locks onto a kernel's row or tap.
@@ -73,12 +72,13 @@ def _adjacent_on_cpu(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
 def _adjacent_by_kthvalue(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Order statistics ``rank`` and ``rank + 1`` with torch ops only (no host synchronization).
 
-    One selection finds the lower; the upper is the same value when it is repeated
-    enough, else the smallest value above it: two cheap reductions instead of a second
-    selection.
+    On an accelerator a sort is cheap up to SORT_SIZE_LIMIT entries.  Beyond, one
+    selection finds the lower; the upper is the same value when it is repeated enough,
+    else the smallest value above it: two reductions instead of a second selection and
+    no tensor-sized sort buffers.
     """
     n = values.numel()
-    if n <= SORT_LIMIT:
+    if n <= SORT_SIZE_LIMIT:
         ordered = torch.sort(values).values
         return ordered[rank], ordered[min(rank + 1, n - 1)]
     lower = torch.kthvalue(values, rank + 1).values
@@ -267,10 +267,10 @@ def _kept_on_cpu(grads: list[torch.Tensor], q: float, means: list[torch.Tensor])
 def _kept_with_few_syncs(grads: list[torch.Tensor], q: float, means: list[torch.Tensor]) -> list[Kept]:
     """Kept entries of all tensors with two host synchronizations in total (for GPUs).
 
-    On a GPU a sort is cheap and every host round trip stalls the stream, so each
-    tensor's threshold comes from a full sort (a selection beyond ``SORT_SIZE_LIMIT``),
-    the masks go into one flat buffer, and a single ``nonzero`` plus one count per
-    tensor split it back.  Exactly the same answer as the CPU path.
+    On a GPU every host round trip stalls the stream, so each tensor's threshold comes
+    from torch ops alone (``_adjacent_by_kthvalue``), the masks go into one flat buffer,
+    and a single ``nonzero`` plus one count per tensor split it back.  Exactly the same
+    answer as the CPU path.
     """
     device = grads[0].device
     sizes = [g.numel() for g in grads]
@@ -279,13 +279,9 @@ def _kept_with_few_syncs(grads: list[torch.Tensor], q: float, means: list[torch.
     for g, mean, n in zip(grads, means, sizes):
         if n > 1:
             deviation = (_as_float(g) - mean).abs_()
-            (lo, hi), frac = quantile_ranks(n, q)
-            if n <= SORT_SIZE_LIMIT:
-                ordered = torch.sort(deviation).values
-                lower, upper = ordered[lo], ordered[hi]
-            else:
-                lower, upper = adjacent_order_statistics(deviation, lo)
-            torch.gt(deviation, torch.lerp(lower, upper, frac), out=mask[start : start + n])
+            (lo, _), frac = quantile_ranks(n, q)
+            threshold = torch.lerp(*_adjacent_by_kthvalue(deviation, lo), frac)
+            torch.gt(deviation, threshold, out=mask[start : start + n])
         start += n
     kept = torch.nonzero(mask).squeeze(1)
     ends = torch.tensor(sizes, device=device).cumsum(0)
