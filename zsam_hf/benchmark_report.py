@@ -32,11 +32,33 @@ def _groups(records: list[dict], group: str) -> dict[tuple[str, str], list[dict]
     return by
 
 
+def _grid_models(records: list[dict]) -> list[str]:
+    """Models of the main grid, in the order their first run appears."""
+    return list(dict.fromkeys(r["model"] for r in records if r["group"] == "grid"))
+
+
+def _flatness_keys(records: list[dict]) -> list[str]:
+    """The flatness@r keys present, by increasing radius r."""
+    return sorted({k for r in records for k in r if k.startswith("flatness@")}, key=lambda k: float(k[9:]))
+
+
+def _panels_per_model(models: list[str]):
+    """One figure with a panel per model (at least one panel)."""
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 4), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_tables(records: list[dict], out_dir: str, variants: list[str], budget_text: str) -> str:
     """results.json, results.csv and results.md (mean +- std over seeds); returns the Markdown."""
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(records, f, indent=1)
-    flat_keys = sorted({k for r in records for k in r if k.startswith("flatness@")}, key=lambda k: float(k[9:]))
+    flat_keys = _flatness_keys(records)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS + flat_keys, extrasaction="ignore")
         writer.writeheader()
@@ -44,13 +66,12 @@ def write_tables(records: list[dict], out_dir: str, variants: list[str], budget_
             writer.writerow({**r, "overrides": json.dumps(r.get("overrides", {}))})
 
     grid = _groups(records, "grid")
-    models = sorted({m for m, _ in grid}, key=lambda m: [r["model"] for r in records].index(m))
     lines = [budget_text, ""]
     flat_headers = "".join(f" loss increase @ r={k[9:]} |" for k in flat_keys)
     header = f"| model | variant | n | test acc. (final) | test acc. (best epoch) | test loss |{flat_headers}"
     header += " mean sharpness | wall time (s) |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
-    for model in models:
+    for model in _grid_models(records):
         for variant in variants:
             runs = grid.get((model, variant), [])
             if not runs:
@@ -80,9 +101,9 @@ def write_tables(records: list[dict], out_dir: str, variants: list[str], budget_
 
 def plot_accuracy(records: list[dict], path: str, variants: list[str]) -> None:
     grid = _groups(records, "grid")
-    models = list(dict.fromkeys(r["model"] for r in records if r["group"] == "grid"))
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    models = _grid_models(records)
+    fig, axes = _panels_per_model(models)
+    for ax, model in zip(axes, models):
         names = [v for v in variants if (model, v) in grid]
         stats = [_mean_std([100 * r["final_test_accuracy"] for r in grid[(model, v)]]) for v in names]
         ax.bar(names, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="tab:blue", alpha=0.8)
@@ -95,16 +116,14 @@ def plot_accuracy(records: list[dict], path: str, variants: list[str]) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle("Final test accuracy: mean ± std over seeds (dots: seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_curves(records: list[dict], path: str, variants: list[str]) -> None:
     grid = _groups(records, "grid")
-    models = list(dict.fromkeys(r["model"] for r in records if r["group"] == "grid"))
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    models = _grid_models(records)
+    fig, axes = _panels_per_model(models)
+    for ax, model in zip(axes, models):
         for v in variants:
             runs = [r for r in grid.get((model, v), []) if r.get("curve_test_accuracy")]
             if not runs:
@@ -117,9 +136,7 @@ def plot_curves(records: list[dict], path: str, variants: list[str]) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%), mean over seeds")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_sensitivity(records: list[dict], path: str) -> bool:
@@ -140,18 +157,16 @@ def plot_sensitivity(records: list[dict], path: str) -> bool:
         ax.set_title(f"ZSAM sensitivity to {label}")
         if key == "sam_rho":
             ax.set_xscale("log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
 def plot_flatness(records: list[dict], path: str, variants: list[str]) -> None:
     grid = _groups(records, "grid")
-    models = list(dict.fromkeys(r["model"] for r in records if r["group"] == "grid"))
-    keys = sorted({k for r in records for k in r if k.startswith("flatness@")}, key=lambda k: float(k[9:]))
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    models = _grid_models(records)
+    keys = _flatness_keys(records)
+    fig, axes = _panels_per_model(models)
+    for ax, model in zip(axes, models):
         for v in variants:
             runs = grid.get((model, v), [])
             if runs and keys:
@@ -161,6 +176,4 @@ def plot_flatness(records: list[dict], path: str, variants: list[str]) -> None:
         ax.set_ylabel("test loss increase (mean)")
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

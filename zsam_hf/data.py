@@ -155,6 +155,11 @@ def load_image_dataset(name: str, config_name: str | None = None, cache_dir: str
     return _load_hub(name, config_name, cache_dir)
 
 
+def train_split(dataset: DatasetDict) -> Dataset:
+    """The split to train on: ``train``, else the dataset's first split."""
+    return dataset["train"] if "train" in dataset else dataset[next(iter(dataset))]
+
+
 # ---- columns and labels ----------------------------------------------------------------------
 @dataclass
 class Columns:
@@ -220,7 +225,7 @@ def make_splits(
 ) -> Splits:
     """train / eval / test.  eval is the dataset's validation split, else carved from train
     (``train_val_split``, stratified by label), or the test split with ``eval_split="test"``."""
-    train = dataset["train"] if "train" in dataset else dataset[next(iter(dataset))]
+    train = train_split(dataset)
     test = dataset["test"] if "test" in dataset else None
     validation = next((dataset[s] for s in VALIDATION_SPLITS if s in dataset), None)
     if eval_split == "test":

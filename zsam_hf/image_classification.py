@@ -29,6 +29,7 @@ from .data import (
     load_image_dataset,
     make_splits,
     resolve_columns,
+    train_split,
     with_image_transform,
 )
 from .metrics import classification_metrics
@@ -150,8 +151,7 @@ def _dataset_for_card(name: str) -> tuple[str, str]:
 def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: ZSAMTrainingArguments):
     """Data, model, transforms and the Trainer; raises before touching ``output_dir``."""
     raw = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir)
-    first_split = raw["train"] if "train" in raw else raw[next(iter(raw))]
-    columns = resolve_columns(first_split, data_args.image_column_name, data_args.label_column_name)
+    columns = resolve_columns(train_split(raw), data_args.image_column_name, data_args.label_column_name)
     splits = make_splits(
         raw, columns, eval_split=data_args.eval_split, train_val_split=data_args.train_val_split,
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,

@@ -132,8 +132,7 @@ def _build_timm_model(name: str, labels: list[str], scratch_prep: Preprocessing,
         except OSError as err:  # offline, or no such repo
             logger.warning("Could not load pretrained weights for %s (%s); training it from scratch.", name, err)
     if model is not None:
-        data = timm.data.resolve_data_config({}, model=model.timm_model)
-        prep = Preprocessing(data["input_size"][-1], tuple(data["mean"]), tuple(data["std"]), data["input_size"][0])
+        prep = _timm_preprocessing(timm.data.resolve_data_config({}, model=model.timm_model))
         return BuiltModel(model, prep, None, base_model=name, pretrained=True)
     base_architecture = architecture.split(".")[0]
     if not timm.list_models(base_architecture):
@@ -145,6 +144,12 @@ def _build_timm_model(name: str, labels: list[str], scratch_prep: Preprocessing,
     model = TimmWrapperForImageClassification(config)
     model.config._name_or_path = base_architecture
     return BuiltModel(model, prep, TimmWrapperImageProcessor(pretrained_cfg=config.pretrained_cfg), None, False)
+
+
+def _timm_preprocessing(data_config: dict) -> Preprocessing:
+    """Preprocessing from a timm data config (input_size = [channels, height, width])."""
+    channels, _, size = data_config["input_size"]
+    return Preprocessing(size, tuple(data_config["mean"]), tuple(data_config["std"]), channels)
 
 
 def _timm_pretrained_cfg(prep: Preprocessing) -> dict:
@@ -183,8 +188,7 @@ def _build_checkpoint(
 def _processor_preprocessing(processor, config) -> Preprocessing:
     size = getattr(processor, "size", None) or {}
     if isinstance(processor, TimmWrapperImageProcessor):
-        data = processor.data_config
-        return Preprocessing(data["input_size"][-1], tuple(data["mean"]), tuple(data["std"]), data["input_size"][0])
+        return _timm_preprocessing(processor.data_config)
     image_size = size.get("height") or size.get("shortest_edge") or getattr(config, "image_size", 224)
     crop = getattr(processor, "crop_size", None) or {}
     image_size = crop.get("height", image_size)
