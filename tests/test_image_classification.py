@@ -308,3 +308,18 @@ def test_two_process_run_end_to_end(datasets_dir, tmp_path, launcher):
     args = torch.load(out / "training_args.bin", weights_only=False)
     assert args.world_size == 2
     assert (out / "README.md").exists() and "| num_devices | 2 |" in (out / "README.md").read_text()
+
+
+def test_training_augmentation_depends_only_on_seed_epoch_and_row():
+    from zsam_hf.data import SeededAugmentation, image_transform
+
+    images, _ = synthetic_images(2, 32, 3, 0)
+    augment = SeededAugmentation(image_transform(32, (0.5,) * 3, (0.25,) * 3, 3, train=True), seed=7)
+    first = augment(images[0], row=5)
+    torch.manual_seed(123)  # the global RNG stream has moved on: no effect on the draws
+    torch.rand(1000)
+    assert torch.equal(augment(images[0], row=5), first)
+    draws = [augment(images[0], row=r) for r in range(8)]
+    assert any(not torch.equal(d, first) for d in draws)  # rows get their own crops and flips
+    augment.epoch = 1
+    assert any(not torch.equal(augment(images[0], row=r), d) for r, d in enumerate(draws))  # and epochs

@@ -29,12 +29,13 @@ class TinyClassifier(nn.Module):
         return out
 
 
-def tiny_vit(num_labels: int = 3, seed: int = 0) -> ViTForImageClassification:
+def tiny_vit(num_labels: int = 3, seed: int = 0, dropout: float = 0.0) -> ViTForImageClassification:
     """A 1-layer ViT on 8x8 grey images: the num_items_in_batch (summed-loss) path."""
     torch.manual_seed(seed)
     config = ViTConfig(
         image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1,
         num_attention_heads=2, intermediate_size=16, num_labels=num_labels,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )  # fmt: skip
     return ViTForImageClassification(config)
 

@@ -33,6 +33,11 @@ VARIANTS = {
     "zsam-tensor": dict(sam_variant="zsam", zsam_normalization="tensor"),
     "zsam-global": dict(sam_variant="zsam", zsam_normalization="global"),
 }
+# The same methods taking the two-pass step only every k-th optimizer step ("sam-k5", ...).
+SAM_INTERVALS = (2, 5, 10)
+VARIANTS.update(
+    {f"{label}-k{k}": {**VARIANTS[label], "sam_interval": k} for label in ("sam", "zsam-global") for k in SAM_INTERVALS}
+)
 
 
 @dataclass
@@ -137,7 +142,7 @@ def _summarize_logs(log_history: list[dict]) -> dict:
         "best_epoch_test_accuracy": max((h["eval_accuracy"] for h in evals), default=None),
         "train_loss": train[-1]["loss"] if train else None,
     }
-    for key in ("sharpness", "perturbation_norm", "zsam_kept_fraction"):
+    for key in ("sharpness", "perturbation_norm", "zsam_kept_fraction", "sam_steps_fraction"):
         values = [h[key] for h in train if key in h]
         if values:
             out[f"mean_{key}"] = statistics.mean(values)
@@ -184,7 +189,8 @@ def run_one(spec: RunSpec, root: str, flatness_radii, flatness_directions: int, 
     flat = flatness(trainer.model, flat_set, flatness_radii, flatness_directions, seed=1000 + spec.seed)
     record = {
         "name": spec.name, "group": spec.group, "model": spec.model, "variant": spec.variant, "seed": spec.seed,
-        "overrides": spec.overrides, "final_test_accuracy": final["final_accuracy"],
+        "overrides": spec.overrides, "sam_interval": args.sam_interval, "epochs": budget.epochs,
+        "final_test_accuracy": final["final_accuracy"],
         "final_test_loss": final["final_loss"], "final_test_top5_accuracy": final.get("final_top5_accuracy"),
         "train_loss_mean": train_output.training_loss, "wall_time_s": wall, "resumed": checkpoint is not None,
         "steps": trainer.state.global_step, "device": str(trainer.args.device), **_summarize_logs(trainer.state.log_history),

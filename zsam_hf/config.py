@@ -31,6 +31,8 @@ class ZSAMTrainingArguments(TrainingArguments):
         sam_variant: "zsam" (default), "sam", "asam", "fsam" or "none" (the plain Trainer step).
         sam_rho: radius of the ascent step; None picks the variant's default
             (0.05 for zsam/sam/fsam, 0.5 for asam).
+        sam_interval: the two-pass step runs on optimizer steps whose index is a multiple of
+            this (default 1: every step); the others are the plain Trainer step.
         sam_sync_ascent: all-reduce the ascent gradient across replicas (default: each
             replica perturbs with its own gradient, as in the SAM paper).
     ZSAM:
@@ -66,6 +68,13 @@ class ZSAMTrainingArguments(TrainingArguments):
         default=1.0, metadata={"help": "Friendly-SAM sigma: weight of the removed EMA."}
     )
     fsam_lambda: float = field(default=0.9, metadata={"help": "Friendly-SAM EMA decay lambda in [0, 1)."})
+    sam_interval: int = field(
+        default=1,
+        metadata={
+            "help": "Run the two-pass sharpness-aware step on optimizer steps whose index is a multiple of "
+            "this (1 = every step); the other steps are the plain Trainer step."
+        },
+    )
     sam_sync_ascent: bool = field(
         default=False,
         metadata={
@@ -101,6 +110,8 @@ class ZSAMTrainingArguments(TrainingArguments):
             raise _invalid("fsam_sigma", self.fsam_sigma, "expected a finite number >= 0")
         if not (_is_number(self.fsam_lambda) and 0 <= self.fsam_lambda < 1):
             raise _invalid("fsam_lambda", self.fsam_lambda, "expected a number in [0, 1)")
+        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
+            raise _invalid("sam_interval", self.sam_interval, "expected a whole number >= 1 (1 = every step)")
         if not isinstance(self.sam_sync_ascent, bool):
             raise _invalid("sam_sync_ascent", self.sam_sync_ascent, "expected True or False")
 
@@ -116,7 +127,7 @@ class ZSAMTrainingArguments(TrainingArguments):
         params = {"sam_variant": self.sam_variant}
         if self.sam_variant == "none":
             return params
-        params.update(sam_rho=self.sam_rho, sam_sync_ascent=self.sam_sync_ascent)
+        params.update(sam_rho=self.sam_rho, sam_interval=self.sam_interval, sam_sync_ascent=self.sam_sync_ascent)
         if self.sam_variant == "zsam":
             params.update(zsam_quantile=self.zsam_quantile, zsam_normalization=self.zsam_normalization)
         elif self.sam_variant == "asam":

@@ -297,13 +297,39 @@ def image_transform(image_size: int, mean, std, num_channels: int, train: bool, 
     return T.Compose(steps)
 
 
+class SeededAugmentation:
+    """A random transform whose draws depend only on (seed, epoch, row): resumable augmentation.
+
+    Drawing from the global RNG stream makes a resumed run augment differently from the
+    uninterrupted one: the Trainer's data loader prefetches a batch ahead, so the RNG state
+    saved with a checkpoint has already been spent on a batch that the checkpoint does not
+    hold. Seeding each image's draws from its row and the epoch (set by the training loop
+    through ``epoch``) gives the same images whatever was interrupted, on any number of ranks.
+    """
+
+    def __init__(self, transform, seed: int):
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __call__(self, image, row: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 2_147_483_647 + row)
+            return self.transform(image)
+
+
+ROW_COLUMN = "__row__"
+
+
 def with_image_transform(dataset: Dataset, columns: Columns, transform) -> Dataset:
     """Lazily map each batch to the model's ``pixel_values`` and ``labels``."""
+    seeded = isinstance(transform, SeededAugmentation)
+    if seeded:  # the transform needs each example's row
+        dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
 
     def apply(batch):
-        return {
-            "pixel_values": [transform(image) for image in batch[columns.image]],
-            "labels": list(batch[columns.label]),
-        }
+        images = batch[columns.image]
+        pixels = [transform(im, row) for im, row in zip(images, batch[ROW_COLUMN])] if seeded else list(map(transform, images))
+        return {"pixel_values": pixels, "labels": list(batch[columns.label])}
 
     return dataset.with_transform(apply)

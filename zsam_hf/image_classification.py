@@ -9,12 +9,13 @@ a bad run fails fast and leaves no output directory behind.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
 from dataclasses import dataclass, field
 
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from .card import redact_command
@@ -23,6 +24,7 @@ from .data import (
     BUILTIN_DATASETS,
     FASHION_MNIST_HUB,
     DataError,
+    SeededAugmentation,
     channel_statistics,
     first_image_size,
     image_transform,
@@ -129,6 +131,16 @@ SCRIPT_DEFAULTS = dict(
 )
 
 
+class AugmentationEpoch(TrainerCallback):
+    """Tells the training augmentation which epoch it is drawing for (also on resume)."""
+
+    def __init__(self, augmentation: SeededAugmentation):
+        self.augmentation = augmentation
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.augmentation.epoch = math.floor(state.epoch + 1e-6) if state.epoch else 0
+
+
 class SetupError(ValueError):
     """An argument that cannot work, found before training started (the message says which)."""
 
@@ -165,7 +177,10 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         cache_dir=model_args.cache_dir, revision=model_args.model_revision,
     )  # fmt: skip
     prep = built.preprocessing
-    train_tf = image_transform(prep.image_size, prep.mean, prep.std, prep.num_channels, True, data_args.augment)
+    train_tf = SeededAugmentation(
+        image_transform(prep.image_size, prep.mean, prep.std, prep.num_channels, True, data_args.augment),
+        seed=training_args.seed,
+    )
     eval_tf = image_transform(prep.image_size, prep.mean, prep.std, prep.num_channels, False)
     trainer = ZSAMTrainer(
         model=built.model,
@@ -174,6 +189,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         eval_dataset=with_image_transform(splits.eval, columns, eval_tf),
         processing_class=built.image_processor,
         compute_metrics=classification_metrics(),
+        callbacks=[AugmentationEpoch(train_tf)],
     )
     dataset_id, dataset_display = _dataset_for_card(data_args.dataset_name)
     trainer.model_card_info.update(

@@ -2,10 +2,10 @@
 
 Only ``training_step`` changes.  For each micro-batch:
 
-1. ascent pass: g = grad L_B(w), taken with ``torch.autograd.grad`` so that ``.grad``
-   (which holds the earlier micro-batches' descent gradients under accumulation) is
-   never touched, inside ``no_sync`` so DDP does not all-reduce it, and inside a forked
-   RNG so that the descent pass replays the same dropout masks;
+1. ascent pass: g = grad L_B(w), taken through ``backward()`` with ``.grad`` (which holds
+   the earlier micro-batches' descent gradients under accumulation) set aside and put
+   back, inside ``no_sync`` so DDP does not all-reduce it, and inside a forked RNG so
+   that the descent pass replays the same dropout masks;
 2. climb to w + e (``perturbation.py``);
 3. descent pass: the Trainer's usual loss and ``accelerator.backward`` at w + e, with
    norm layers' running statistics frozen (the ascent pass already updated them);
@@ -18,6 +18,7 @@ the scheduler, GradScaler skipping, logging, checkpoints) is the Trainer's own.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -27,10 +28,12 @@ from torch.nn.modules.batchnorm import _NormBase
 from transformers import Trainer
 
 from .card import CardContext, render_model_card
+from .checkpoints import check_adapter_checkpoint, is_peft_model, load_checkpoint_weights
 from .config import ZSAMTrainingArguments
 from .perturbation import PerturbationStats, SharpnessPerturbation
 
 SAM_STATE_FILE = "sam_state_rank{rank}.pt"
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -56,10 +59,12 @@ class _SharpnessMeter:
     def __init__(self) -> None:
         self.sums: torch.Tensor | None = None  # [loss at w, loss at w+e, ||e||, kept fraction]
         self.perturbed_micro_batches = 0
+        self.sharpness_steps: set[int] = set()  # optimizer steps that took the two-pass step
 
     def record(
-        self, loss: torch.Tensor, perturbed_loss: torch.Tensor, stats: PerturbationStats | None
+        self, step: int, loss: torch.Tensor, perturbed_loss: torch.Tensor, stats: PerturbationStats | None
     ) -> None:
+        self.sharpness_steps.add(step)
         if self.sums is None:
             self.sums = torch.zeros(4, device=loss.device)
         self.sums[0] += loss.detach().float()
@@ -70,7 +75,7 @@ class _SharpnessMeter:
             self.perturbed_micro_batches += 1
 
     def reset(self) -> None:
-        self.sums, self.perturbed_micro_batches = None, 0
+        self.sums, self.perturbed_micro_batches, self.sharpness_steps = None, 0, set()
 
 
 class ZSAMTrainer(Trainer):
@@ -78,8 +83,9 @@ class ZSAMTrainer(Trainer):
 
     Pass :class:`ZSAMTrainingArguments` as ``args``; everything else is the Trainer's
     constructor.  Logs carry, next to ``loss`` (the loss at w): ``perturbed_loss`` (at
-    w + e), ``sharpness`` (their difference), ``perturbation_norm`` (||e||) and, for
-    zsam, ``zsam_kept_fraction``.
+    w + e), ``sharpness`` (their difference), ``perturbation_norm`` (||e||), for zsam
+    ``zsam_kept_fraction``, all averaged over the two-pass steps, and ``sam_steps_fraction``
+    (the share of optimizer steps that took the two-pass step, 1 unless ``sam_interval`` > 1).
     """
 
     def __init__(self, model=None, args: ZSAMTrainingArguments | None = None, *more, **kwargs):
@@ -112,7 +118,7 @@ class ZSAMTrainer(Trainer):
 
     # ---- the two-pass step ----------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        if self.args.sam_variant == "none":
+        if not self.is_sharpness_step():
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
@@ -135,8 +141,16 @@ class ZSAMTrainer(Trainer):
                 self.accelerator.backward(perturbed_loss)
         finally:
             applied.restore()
-        self._sharpness_meter.record(loss, perturbed_loss, stats)
+        self._sharpness_meter.record(self.state.global_step, loss, perturbed_loss, stats)
         return loss.detach()
+
+    def is_sharpness_step(self) -> bool:
+        """Whether the optimizer step being computed takes the two-pass step.
+
+        Every ``sam_interval``-th optimizer step (0, k, 2k, ...), all its micro-batches; a pure
+        function of ``state.global_step``, so a resumed run takes the same steps.
+        """
+        return self.args.sam_variant != "none" and self.state.global_step % self.args.sam_interval == 0
 
     def _trainable_parameters(self, model) -> tuple[list[str], list[torch.nn.Parameter]]:
         named = [
@@ -163,7 +177,11 @@ class ZSAMTrainer(Trainer):
         return loss if scaled_for_ga else loss / self.current_gradient_accumulation_steps
 
     def _ascent_gradients(self, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """g = grad L_B(w) without touching ``.grad``; unscaled, optionally averaged over replicas.
+        """g = grad L_B(w), leaving ``.grad`` as it was; unscaled, optionally averaged over replicas.
+
+        Taken through ``backward()``, the one gradient path that works whatever the model does in
+        its forward (reentrant activation checkpoints refuse ``torch.autograd.grad``; sharded
+        parameters do not take part in it), with each ``.grad`` set aside and put back.
 
         Under fp16 the loss is scaled by the GradScaler's current scale (so small
         gradients survive half precision) and divided back here by hand: the scaler's
@@ -174,10 +192,7 @@ class ZSAMTrainer(Trainer):
         scaler = self.accelerator.scaler
         scaling = scaler is not None and scaler.is_enabled()
         target = scaler.scale(loss) if scaling else loss
-        if getattr(self.accelerator.unwrap_model(self.model), "is_gradient_checkpointing", False):
-            grads = _gradients_through_backward(target, params)  # reentrant checkpoints refuse autograd.grad
-        else:
-            grads = list(torch.autograd.grad(target, params, allow_unused=True))
+        grads = _gradients_through_backward(target, params)
         present = [g for g in grads if g is not None]
         if scaling and present:  # scale() has initialized the scale tensor by now
             torch._foreach_mul_(present, scaler._get_scale_async().double().reciprocal().float())
@@ -192,27 +207,54 @@ class ZSAMTrainer(Trainer):
 
     # ---- logs -------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._sharpness_meter.sums is not None:
+        if "loss" in logs and self.args.sam_variant != "none":
             logs.update(self._sharpness_logs())
         super().log(logs, start_time)
 
     def _sharpness_logs(self) -> dict[str, float]:
+        """SAM metrics averaged over the two-pass steps since the last log, and their share.
+
+        Every rank reaches this together and takes the same steps, so the gather is collective.
+        """
         meter = self._sharpness_meter
-        sums = self.accelerator.gather(meter.sums[None]).mean(0).tolist()
         steps = max(self.state.global_step - self._sharpness_logged_step, 1)
-        perturbed = max(meter.perturbed_micro_batches, 1)
-        logs = {
-            "perturbed_loss": sums[1] / steps,
-            "sharpness": (sums[1] - sums[0]) / steps,
-            "perturbation_norm": sums[2] / perturbed,
-        }
-        if self.args.sam_variant == "zsam":
-            logs["zsam_kept_fraction"] = sums[3] / perturbed
+        logs = {"sam_steps_fraction": len(meter.sharpness_steps) / steps}
+        if meter.sums is not None:
+            sums = self.accelerator.gather(meter.sums[None]).mean(0).tolist()
+            sharpness_steps = max(len(meter.sharpness_steps), 1)
+            perturbed = max(meter.perturbed_micro_batches, 1)
+            logs.update(
+                perturbed_loss=sums[1] / sharpness_steps,
+                sharpness=(sums[1] - sums[0]) / sharpness_steps,
+                perturbation_norm=sums[2] / perturbed,
+            )
+            if self.args.sam_variant == "zsam":
+                logs["zsam_kept_fraction"] = sums[3] / perturbed
         meter.reset()
         self._sharpness_logged_step = self.state.global_step
         return logs
 
-    # ---- checkpoints: FSAM's EMA travels with the optimizer state ------------------------
+    # ---- checkpoints: weights restored whole; FSAM's EMA travels with the optimizer state --
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume with every tensor restored (see ``checkpoints.py``), or fail naming the mismatch."""
+        self._load_weights_whole(resume_from_checkpoint, model, super()._load_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end`` with every tensor restored, like resume."""
+        checkpoint = self.state.best_model_checkpoint
+        logger.info("Loading best model from %s (score: %s).", checkpoint, self.state.best_metric)
+        self._load_weights_whole(checkpoint, None, lambda *_: super(ZSAMTrainer, self)._load_best_model())
+
+    def _load_weights_whole(self, checkpoint: str, model, trainer_loader) -> None:
+        model = self.model if model is None else model
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # sharded states: the backend's own loader
+            trainer_loader(checkpoint, model)
+        elif is_peft_model(model):  # the adapter alone is saved; PEFT's load_adapter reads it
+            check_adapter_checkpoint(model, checkpoint)
+            trainer_loader(checkpoint, model)
+        else:
+            load_checkpoint_weights(model, checkpoint)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.perturbation.ema:
@@ -327,14 +369,20 @@ def _refuse_unsupported_backends(variant: str, deepspeed: bool, fsdp: bool) -> N
 
 
 def _gradients_through_backward(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """grad of ``loss`` via ``.backward()``, leaving each ``.grad`` as it was before."""
+    """grad of ``loss`` via ``.backward()``, leaving each ``.grad`` as it was before.
+
+    The earlier micro-batches' descent gradients (gradient accumulation) are set aside, not
+    copied, while the ascent gradient fills ``.grad``; then they are put back.
+    """
     stashed = [p.grad for p in params]
     for p in params:
         p.grad = None
-    loss.backward()
-    grads = [p.grad for p in params]
-    for p, grad in zip(params, stashed):
-        p.grad = grad
+    try:
+        loss.backward()
+        grads = [p.grad for p in params]
+    finally:
+        for p, grad in zip(params, stashed):
+            p.grad = grad
     return grads
 
 
