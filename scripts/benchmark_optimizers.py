@@ -24,52 +24,77 @@ import time
 import torch
 import transformers
 
-from zsam_hf.benchmark import VARIANTS, Budget, RunSpec, load_results, run_grid
-from zsam_hf.benchmark_report import plot_accuracy, plot_curves, plot_flatness, plot_sensitivity, write_tables
+from zsam_hf.benchmark.grid import VARIANTS, Budget, RunSpec, load_results, run_grid
+from zsam_hf.benchmark.report import plot_accuracy, plot_curves, plot_flatness, plot_sensitivity, write_tables
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="benchmark_runs/fashion_mnist", help="results, tables and plots go here")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--output_dir", default="benchmark_runs/fashion_mnist", help="results, tables and plots go here"
+    )
     p.add_argument("--dataset_name", default="fashion_mnist")
     p.add_argument("--models", nargs="+", default=["cifar_resnet20", "paper_vit"])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=float, default=200)
     p.add_argument("--max_train_samples", type=int, default=None, help="train subset (default: all)")
-    p.add_argument("--model_max_train_samples", nargs="*", default=[], metavar="MODEL=N",
-                   help="per-model train subset, e.g. paper_vit=4000 (overrides --max_train_samples)")  # fmt: skip
-    p.add_argument("--eval_samples_per_epoch", type=int, default=None, help="test images for the per-epoch curves")
+    p.add_argument(
+        "--model_max_train_samples",
+        nargs="*",
+        default=[],
+        metavar="MODEL=N",
+        help="per-model train subset, e.g. paper_vit=4000 (overrides --max_train_samples)",
+    )
+    p.add_argument(
+        "--eval_samples_per_epoch", type=int, default=None, help="test images for the per-epoch curves"
+    )
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--weight_decay", type=float, default=5e-5)
     p.add_argument("--warmup_epochs", type=float, default=5)
     p.add_argument("--step_epochs", type=float, default=30)
     p.add_argument("--gamma", type=float, default=0.75)
-    p.add_argument("--rho", type=float, default=None, help="rho for sam/fsam/zsam (default 0.05; ASAM keeps 0.5)")
+    p.add_argument(
+        "--rho", type=float, default=None, help="rho for sam/fsam/zsam (default 0.05; ASAM keeps 0.5)"
+    )
     p.add_argument("--quantile", type=float, default=0.95)
     p.add_argument("--num_workers", type=int, default=0, help="dataloader workers")
     p.add_argument("--flatness_radii", nargs="+", type=float, default=[0.01, 0.02, 0.05])
     p.add_argument("--flatness_directions", type=int, default=4)
     p.add_argument("--flatness_samples", type=int, default=1000)
-    p.add_argument("--sweep_model", default="cifar_resnet20", help="model of the zsam sensitivity sweep ('' = none)")
+    p.add_argument(
+        "--sweep_model", default="cifar_resnet20", help="model of the zsam sensitivity sweep ('' = none)"
+    )
     p.add_argument("--sweep_quantiles", nargs="*", type=float, default=[0.5, 0.8, 0.9, 0.95, 0.99])
     p.add_argument("--sweep_rhos", nargs="*", type=float, default=[0.01, 0.02, 0.1, 0.2])
     p.add_argument("--sweep_epochs", type=float, default=None, help="default: half of --epochs")
     p.add_argument("--sweep_max_train_samples", type=int, default=None, help="default: half of the grid's")
     p.add_argument("--sweep_seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--report_only", action="store_true", help="only rebuild tables and plots from results.jsonl")
+    p.add_argument(
+        "--report_only", action="store_true", help="only rebuild tables and plots from results.jsonl"
+    )
     return p.parse_args(argv)
 
 
 def _budget(args, epochs: float, max_train_samples: int | None) -> Budget:
     return Budget(
-        dataset_name=args.dataset_name, epochs=epochs, max_train_samples=max_train_samples,
-        eval_samples_per_epoch=args.eval_samples_per_epoch, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-        step_epochs=args.step_epochs, gamma=args.gamma, rho=args.rho, quantile=args.quantile,
+        dataset_name=args.dataset_name,
+        epochs=epochs,
+        max_train_samples=max_train_samples,
+        eval_samples_per_epoch=args.eval_samples_per_epoch,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs,
+        step_epochs=args.step_epochs,
+        gamma=args.gamma,
+        rho=args.rho,
+        quantile=args.quantile,
         num_workers=args.num_workers,
-    )  # fmt: skip
+    )
 
 
 def specs_for(args) -> list[RunSpec]:
@@ -83,7 +108,9 @@ def specs_for(args) -> list[RunSpec]:
         base = args.max_train_samples or 60000
         samples = args.sweep_max_train_samples or max(1, base // 2)
         budget = _budget(args, args.sweep_epochs or max(1.0, args.epochs / 2), samples)
-        overrides = [{"zsam_quantile": q} for q in args.sweep_quantiles] + [{"sam_rho": r} for r in args.sweep_rhos]
+        overrides = [{"zsam_quantile": q} for q in args.sweep_quantiles] + [
+            {"sam_rho": r} for r in args.sweep_rhos
+        ]
         specs += [
             RunSpec(args.sweep_model, "zsam-global", seed, budget, o, group="sweep")
             for seed in args.sweep_seeds
@@ -130,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         records = load_results(os.path.join(args.output_dir, "results.jsonl"))
     else:
         start = time.time()
-        records = run_grid(specs, args.output_dir, args.flatness_radii, args.flatness_directions,
-                           args.flatness_samples, log=lambda m: print(f"{time.time() - start:7.0f}s {m}", flush=True))  # fmt: skip
+        records = run_grid(
+            specs,
+            args.output_dir,
+            args.flatness_radii,
+            args.flatness_directions,
+            args.flatness_samples,
+            log=lambda m: print(f"{time.time() - start:7.0f}s {m}", flush=True),
+        )
     print(report(args, specs, records))
     return 0
 

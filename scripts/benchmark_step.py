@@ -121,7 +121,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per row and round (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of --steps (timed steps = steps x rounds)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of --steps (timed steps = steps x rounds)"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -129,7 +131,9 @@ def main() -> None:
     device = args.device
     gen = torch.Generator().manual_seed(0)
     batch = {
-        "pixel_values": torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device),
+        "pixel_values": torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(
+            device
+        ),
         "labels": torch.randint(0, 10, (args.batch_size,), generator=gen).to(device),
     }
     model = Classifier(args.arch, 10).to(device)
@@ -139,9 +143,14 @@ def main() -> None:
         trainers = {}
         for variant in ("none", "sam", "zsam"):
             targs = ZSAMTrainingArguments(
-                output_dir=tmp, sam_variant=variant, optim="sgd", learning_rate=1e-3, report_to=[],
-                use_cpu=device == "cpu", disable_tqdm=True,
-            )  # fmt: skip
+                output_dir=tmp,
+                sam_variant=variant,
+                optim="sgd",
+                learning_rate=1e-3,
+                report_to=[],
+                use_cpu=device == "cpu",
+                disable_tqdm=True,
+            )
             trainer = ZSAMTrainer(model=model, args=targs)
             trainer.create_optimizer()
             trainer.current_gradient_accumulation_steps = 1
@@ -156,8 +165,10 @@ def main() -> None:
         medians, kept = time_interleaved(steps, args.warmup, args.steps * args.rounds, device)
 
     sam = medians["SAM"]
-    print(f"{args.arch}, batch {args.batch_size} of {args.image_size}x{args.image_size}, device {device}, "
-          f"threads {torch.get_num_threads()}, {args.rounds * args.steps} timed steps per row, rows interleaved")  # fmt: skip
+    print(
+        f"{args.arch}, batch {args.batch_size} of {args.image_size}x{args.image_size}, device {device}, "
+        f"threads {torch.get_num_threads()}, {args.rounds * args.steps} timed steps per row, rows interleaved"
+    )
     print(f"{'row':<24}{'median step (ms)':>18}{'vs SAM':>9}{'extra memory / params':>24}")
     for name, value in medians.items():
         print(f"{name:<24}{value * 1000:>18.1f}{value / sam:>9.2f}{kept[name] / param_bytes:>24.3f}")
@@ -166,7 +177,11 @@ def main() -> None:
     print(f"released / SAM step-time ratio: {medians['ZSAM (released code)'] / sam:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"medians_s": medians, "extra_bytes": kept, "param_bytes": param_bytes, **vars(args)}, f, indent=2)
+            json.dump(
+                {"medians_s": medians, "extra_bytes": kept, "param_bytes": param_bytes, **vars(args)},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -21,18 +21,30 @@ import yaml
 from transformers import HfArgumentParser
 
 from zsam_hf import ZSAMTrainingArguments
-from zsam_hf.image_classification import SCRIPT_DEFAULTS, DataArguments, ModelArguments, SetupError, run
+from zsam_hf.vision.image_classification import (
+    SCRIPT_DEFAULTS,
+    DataArguments,
+    ModelArguments,
+    SetupError,
+    run,
+)
 
 # With no arguments at all: ZSAM on a real dataset that ships with this machine's packages,
 # small enough for a laptop CPU in a few minutes.
 DEMO_ARGS = [
-    "--dataset_name", "fashion_mnist",
-    "--model_name_or_path", "cifar_resnet20",
-    "--max_train_samples", "6000",
-    "--max_eval_samples", "2000",
-    "--num_train_epochs", "3",
-    "--output_dir", "outputs/zsam-fashion-mnist-demo",
-]  # fmt: skip
+    "--dataset_name",
+    "fashion_mnist",
+    "--model_name_or_path",
+    "cifar_resnet20",
+    "--max_train_samples",
+    "6000",
+    "--max_eval_samples",
+    "2000",
+    "--num_train_epochs",
+    "3",
+    "--output_dir",
+    "outputs/zsam-fashion-mnist-demo",
+]
 
 
 def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSAMTrainingArguments]:
@@ -50,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     if not argv:
-        print("No arguments: running the built-in demo, i.e.\n  python scripts/train_image_classification.py "
-              + " ".join(DEMO_ARGS), flush=True)  # fmt: skip
+        print(
+            "No arguments: running the built-in demo, i.e.\n  python scripts/train_image_classification.py "
+            + " ".join(DEMO_ARGS),
+            flush=True,
+        )
         argv = DEMO_ARGS
     try:
         model_args, data_args, training_args = parse(argv)

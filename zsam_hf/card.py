@@ -1,25 +1,30 @@
-"""Model cards for models trained with ZSAMTrainer, filled from ``model_cards/`` at save time.
+"""Model cards for models trained with ZSAMTrainer, built with huggingface_hub's card classes.
 
 The Trainer's own card lists neither the SAM hyper-parameters (fields of a
 TrainingArguments subclass) nor anything right for a model trained from scratch
-("fine-tuned version of []"); this one does both, with the command that reproduces the
-run (secrets redacted) and the papers' BibTeX.
+("fine-tuned version of []"). This one does both, for any task: the metadata and the
+model-index come from ``ModelCardData`` and ``EvalResult`` (so the Hub reads them), the
+text from the template that ships inside the package (``model_cards/`` in the repository),
+with the command that reproduces the run (secrets redacted) and the papers' BibTeX.
 """
 
 from __future__ import annotations
 
 import platform
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from string import Template
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 # The template lives in the repository's model_cards/; a wheel carries it as zsam_hf/model_cards/
 # (see pyproject.toml), while a source checkout or an editable install reads it in place.
-_TEMPLATE_DIRS = (Path(__file__).resolve().parent / "model_cards", Path(__file__).resolve().parent.parent / "model_cards")
-TEMPLATE = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[-1]) / "zsam_image_classification.md"
+_TEMPLATE_DIRS = (
+    Path(__file__).resolve().parent / "model_cards",
+    Path(__file__).resolve().parent.parent / "model_cards",
+)
+TEMPLATE = next((d for d in _TEMPLATE_DIRS if d.is_dir()), _TEMPLATE_DIRS[-1]) / "zsam_model_card.md"
 SECRET_FLAGS = ("--hub_token", "--token", "--hf_token")
 
 METHOD_NAMES = {
@@ -41,6 +46,23 @@ METHOD_PARAGRAPHS = {
     "fsam": "Each step removes sigma times an EMA of past gradients from g before SAM's ascent.",
     "none": "No ascent step: a plain Trainer run, kept as a baseline.",
 }
+# The Hub's task of a model, from the end of its class name (the usual transformers heads).
+TASKS_BY_HEAD = {
+    "ForImageClassification": "image-classification",
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForCausalLM": "text-generation",
+    "ForMaskedLM": "fill-mask",
+    "ForAudioClassification": "audio-classification",
+}
+
+
+def task_of(model) -> str | None:
+    """The Hub task of a model (``image-classification``, ...) from its head, or None if unknown."""
+    base = getattr(model, "get_base_model", None)  # a PEFT wrapper: look at the model inside
+    name = type(base() if callable(base) else model).__name__
+    return next((task for head, task in TASKS_BY_HEAD.items() if name.endswith(head)), None)
 
 
 def redact_command(argv: list[str]) -> str:
@@ -67,53 +89,50 @@ class CardContext:
     training: dict
     dataset: str | None = None  # Hub id (for metadata) or local description
     dataset_display: str | None = None
-    dataset_split: str | None = None
     base_model: str | None = None
     license: str = "apache-2.0"
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # split -> {metric: value}
     command: str | None = None
     tags: list[str] = field(default_factory=list)
-    pipeline_tag: str | None = "image-classification"
+    task: str | None = None  # the Hub's pipeline tag, e.g. "image-classification"
 
 
-def _is_hub_id(name: str | None) -> bool:
+def is_hub_id(name: str | None) -> bool:
     return bool(name) and not Path(name).exists() and "/" in name and not name.startswith((".", "/", "~"))
 
 
-def _metadata(ctx: CardContext) -> str:
-    meta: dict = {"library_name": "transformers", "license": ctx.license}
-    if ctx.pipeline_tag:
-        meta["pipeline_tag"] = ctx.pipeline_tag
+def _eval_results(ctx: CardContext) -> list[EvalResult]:
+    dataset = ctx.dataset or "custom"
+    return [
+        EvalResult(
+            task_type=ctx.task or "other",
+            dataset_type=dataset,
+            dataset_name=ctx.dataset_display or dataset,
+            dataset_split=split,
+            metric_type=metric,
+            metric_name=f"{split} {metric.replace('_', ' ')}",
+            metric_value=round(float(value), 4),
+        )
+        for split, values in ctx.metrics.items()
+        for metric, value in values.items()
+    ]
+
+
+def card_data(ctx: CardContext) -> ModelCardData:
+    """The card's metadata: library, license, tags, task, base model, datasets, model-index."""
     variant = ctx.sam.get("sam_variant", "zsam")
-    meta["tags"] = list(
-        dict.fromkeys(["zsam", "sharpness-aware-minimization", f"{variant}", "zsam-hf", *ctx.tags])
+    results = _eval_results(ctx)
+    return ModelCardData(
+        library_name="transformers",
+        license=ctx.license,
+        pipeline_tag=ctx.task,
+        tags=list(dict.fromkeys(["zsam-hf", "sharpness-aware-minimization", variant, *ctx.tags])),
+        datasets=[ctx.dataset] if is_hub_id(ctx.dataset) else None,
+        base_model=ctx.base_model if is_hub_id(ctx.base_model) else None,
+        metrics=sorted({r.metric_type for r in results}) or None,
+        model_name=ctx.model_name,
+        eval_results=results or None,
     )
-    if _is_hub_id(ctx.dataset):
-        meta["datasets"] = [ctx.dataset]
-    if _is_hub_id(ctx.base_model):
-        meta["base_model"] = ctx.base_model
-    meta["metrics"] = ["accuracy"]
-    results = []
-    for split, values in ctx.metrics.items():
-        metrics = [
-            {"type": kind, "name": f"{split} {label}", "value": round(values[key], 4)}
-            for key, kind, label in (
-                ("accuracy", "accuracy", "accuracy"),
-                ("top5_accuracy", "top-5-accuracy", "top-5 accuracy"),
-            )
-            if key in values
-        ]
-        if metrics:
-            dataset = {
-                "name": ctx.dataset_display or ctx.dataset or "custom",
-                "type": ctx.dataset or "custom",
-                "split": split,
-            }
-            task = {"type": "image-classification", "name": "Image Classification"}
-            results.append({"task": task, "dataset": dataset, "metrics": metrics})
-    if results:
-        meta["model-index"] = [{"name": ctx.model_name, "results": results}]
-    return yaml.safe_dump(meta, sort_keys=False).strip()
 
 
 def _table(rows: dict) -> str:
@@ -130,36 +149,42 @@ def _results(ctx: CardContext) -> str:
 
 
 def _versions() -> str:
+    """The versions of what trained the model: zsam-hf's own dependencies, plus Datasets if it was used."""
     import accelerate
-    import datasets
     import torch
     import transformers
 
     from . import __version__
 
-    return "\n".join(
-        f"- {name} {version}"
-        for name, version in (
-            ("zsam-hf", __version__), ("Transformers", transformers.__version__), ("PyTorch", torch.__version__),
-            ("Datasets", datasets.__version__), ("Accelerate", accelerate.__version__), ("Python", platform.python_version()),
-        )
-    )  # fmt: skip
+    versions = [
+        ("zsam-hf", __version__),
+        ("Transformers", transformers.__version__),
+        ("PyTorch", torch.__version__),
+        ("Accelerate", accelerate.__version__),
+    ]
+    if "datasets" in sys.modules:  # never imported just for the card
+        versions.append(("Datasets", sys.modules["datasets"].__version__))
+    versions.append(("Python", platform.python_version()))
+    return "\n".join(f"- {name} {version}" for name, version in versions)
 
 
-def render_model_card(ctx: CardContext) -> str:
-    """The card's Markdown, from the template in ``model_cards/``."""
+def _origin(ctx: CardContext) -> str:
+    if is_hub_id(ctx.base_model):
+        return f"This model is a fine-tuned version of [{ctx.base_model}](https://huggingface.co/{ctx.base_model})"
+    if ctx.base_model:
+        return f"This model is a fine-tuned version of `{ctx.base_model}`"
+    return f"This model (`{ctx.training.get('architecture', ctx.model_name)}`) was trained from scratch"
+
+
+def build_model_card(ctx: CardContext) -> ModelCard:
+    """The card (metadata and text) from the template that ships with the package."""
     variant = ctx.sam.get("sam_variant", "zsam")
-    if _is_hub_id(ctx.base_model):
-        origin = f"This model is a fine-tuned version of [{ctx.base_model}](https://huggingface.co/{ctx.base_model})"
-    elif ctx.base_model:
-        origin = f"This model is a fine-tuned version of `{ctx.base_model}`"
-    else:
-        origin = f"This model (`{ctx.training.get('architecture', ctx.model_name)}`) was trained from scratch"
-    return Template(TEMPLATE.read_text()).substitute(
-        metadata=_metadata(ctx),
+    return ModelCard.from_template(
+        card_data(ctx),
+        template_path=str(TEMPLATE),
         model_name=ctx.model_name,
-        origin=origin,
-        dataset_display=ctx.dataset_display or ctx.dataset or "a custom dataset",
+        origin=_origin(ctx),
+        dataset_display=ctx.dataset_display or ctx.dataset,
         method_name=METHOD_NAMES[variant],
         results=_results(ctx),
         method_paragraph=METHOD_PARAGRAPHS[variant],
@@ -168,3 +193,8 @@ def render_model_card(ctx: CardContext) -> str:
         command=ctx.command or "(not recorded)",
         versions=_versions(),
     )
+
+
+def render_model_card(ctx: CardContext) -> str:
+    """The card's Markdown (front matter and text)."""
+    return str(build_model_card(ctx))

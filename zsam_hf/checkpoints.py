@@ -65,7 +65,9 @@ def read_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     for name in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
         if os.path.isfile(os.path.join(checkpoint, name)):
             return _read_file(os.path.join(checkpoint, name))
-    raise FileNotFoundError(f"checkpoint {checkpoint!r} holds no model weights ({SAFE_WEIGHTS_NAME} or an index)")
+    raise FileNotFoundError(
+        f"checkpoint {checkpoint!r} holds no model weights ({SAFE_WEIGHTS_NAME} or an index)"
+    )
 
 
 def _load_pretrained_model(model: PreTrainedModel, checkpoint: str) -> None:
@@ -95,7 +97,10 @@ def _load_plain_module(model: torch.nn.Module, checkpoint: str) -> None:
     """
     state = read_state_dict(checkpoint)
     expected = set(model.state_dict())
-    problems = {"missing from the checkpoint": sorted(expected - set(state)), "not in the model": sorted(set(state) - expected)}
+    problems = {
+        "missing from the checkpoint": sorted(expected - set(state)),
+        "not in the model": sorted(set(state) - expected),
+    }
     if any(problems.values()):
         raise _mismatch(checkpoint, problems)
     model.load_state_dict(state, strict=True)
@@ -114,10 +119,15 @@ def check_adapter_checkpoint(model: torch.nn.Module, checkpoint: str) -> None:
             saved = set(_read_file(path))
             break
     else:
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} holds no adapter weights ({ADAPTER_SAFE_WEIGHTS_NAME})")
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r} holds no adapter weights ({ADAPTER_SAFE_WEIGHTS_NAME})"
+        )
     adapter = model.active_adapters[0] if hasattr(model, "active_adapters") else "default"
     expected = set(get_peft_model_state_dict(model, adapter_name=adapter))
-    problems = {"missing from the checkpoint": sorted(expected - saved), "not in the model": sorted(saved - expected)}
+    problems = {
+        "missing from the checkpoint": sorted(expected - saved),
+        "not in the model": sorted(saved - expected),
+    }
     if any(problems.values()):
         raise _mismatch(checkpoint, problems)
 

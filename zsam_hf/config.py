@@ -110,7 +110,11 @@ class ZSAMTrainingArguments(TrainingArguments):
             raise _invalid("fsam_sigma", self.fsam_sigma, "expected a finite number >= 0")
         if not (_is_number(self.fsam_lambda) and 0 <= self.fsam_lambda < 1):
             raise _invalid("fsam_lambda", self.fsam_lambda, "expected a number in [0, 1)")
-        if isinstance(self.sam_interval, bool) or not isinstance(self.sam_interval, int) or self.sam_interval < 1:
+        if (
+            isinstance(self.sam_interval, bool)
+            or not isinstance(self.sam_interval, int)
+            or self.sam_interval < 1
+        ):
             raise _invalid("sam_interval", self.sam_interval, "expected a whole number >= 1 (1 = every step)")
         if not isinstance(self.sam_sync_ascent, bool):
             raise _invalid("sam_sync_ascent", self.sam_sync_ascent, "expected True or False")
@@ -127,7 +131,9 @@ class ZSAMTrainingArguments(TrainingArguments):
         params = {"sam_variant": self.sam_variant}
         if self.sam_variant == "none":
             return params
-        params.update(sam_rho=self.sam_rho, sam_interval=self.sam_interval, sam_sync_ascent=self.sam_sync_ascent)
+        params.update(
+            sam_rho=self.sam_rho, sam_interval=self.sam_interval, sam_sync_ascent=self.sam_sync_ascent
+        )
         if self.sam_variant == "zsam":
             params.update(zsam_quantile=self.zsam_quantile, zsam_normalization=self.zsam_normalization)
         elif self.sam_variant == "asam":

@@ -1,6 +1,6 @@
 """The SAM-family perturbations e(g, w), as pure tensor math (no Hugging Face imports).
 
-Every variant of ``SPEC.md`` differs from SAM only in how the ascent step e is built
+Every variant of ``docs/algorithm.md`` differs from SAM only in how the ascent step e is built
 from the ascent gradient g.  This module builds e, writes ``w + e`` into the weights
 in place and keeps exactly what is needed to write ``w`` back bit for bit:
 
@@ -104,7 +104,11 @@ def fsam_offsets(
 
 
 def zsam_offsets(
-    grads: list[torch.Tensor], rho: float, quantile: float, normalization: str, means: list[torch.Tensor] | None = None
+    grads: list[torch.Tensor],
+    rho: float,
+    quantile: float,
+    normalization: str,
+    means: list[torch.Tensor] | None = None,
 ) -> tuple[list[Offset], float]:
     """ZSharp (Yun 2025): SAM's step on the z-score filtered gradient.
 
@@ -266,7 +270,9 @@ class SharpnessPerturbation:
                 return None
             return zsam_offsets(grads, self.rho, self.quantile, self.normalization, means)
         if self.variant not in VARIANTS[:-1]:
-            raise ValueError(f"sam_variant={self.variant!r} has no perturbation; expected one of {VARIANTS[:-1]}")
+            raise ValueError(
+                f"sam_variant={self.variant!r} has no perturbation; expected one of {VARIANTS[:-1]}"
+            )
         grad_norm = _global_norm(grads)
         if not bool(torch.isfinite(grad_norm)):
             return None
@@ -282,7 +288,7 @@ class SharpnessPerturbation:
     def perturb(
         self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor | None]
     ) -> tuple[AppliedPerturbation, PerturbationStats | None]:
-        """Climb to w + e (SPEC.md step 2) in place; returns how to get back and step stats.
+        """Climb to w + e (docs/algorithm.md, step 2) in place; returns how to get back and step stats.
 
         Parameters whose ascent gradient is None are left alone.  A non-finite ascent
         gradient (an fp16 overflow) means no perturbation this step, so the GradScaler

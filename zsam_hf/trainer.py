@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.modules.batchnorm import _NormBase
 from transformers import Trainer
 
-from .card import CardContext, render_model_card
+from .card import CardContext, build_model_card, task_of
 from .checkpoints import check_adapter_checkpoint, is_peft_model, load_checkpoint_weights
 from .config import ZSAMTrainingArguments
 from .perturbation import PerturbationStats, SharpnessPerturbation
@@ -289,28 +289,31 @@ class ZSAMTrainer(Trainer):
     ) -> None:
         """Write README.md in ``output_dir``: SAM hyper-parameters, schedule, results, command, BibTeX.
 
-        Called by ``push_to_hub`` like the Trainer's own; scripts call it after saving.
+        Called by ``push_to_hub`` like the Trainer's own; scripts call it after saving. The task
+        (``tasks``, else read from the model's head) decides the pipeline tag and the model-index.
         """
         if not self.is_world_process_zero():
             return
         info = self.model_card_info
         model = self.accelerator.unwrap_model(self.model)
         extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        task = (tasks if isinstance(tasks, str) else (tasks or [None])[0]) or task_of(model)
+        base_model = finetuned_from or info.get("base_model", _pretrained_name(model))
         context = CardContext(
             model_name=model_name or info.get("model_name") or Path(self.args.output_dir).name,
             sam=self.args.sam_hyperparameters(),
             training=self._card_training_rows(model),
             dataset=(dataset if isinstance(dataset, str) else None) or info.get("dataset"),
             dataset_display=info.get("dataset_display"),
-            base_model=finetuned_from or info.get("base_model"),
+            base_model=base_model,
             license=license or info.get("license", "apache-2.0"),
             metrics=self._card_metrics(info.get("eval_split", "validation")),
             command=info.get("command"),
             tags=[*info.get("tags", []), *extra_tags],
-            pipeline_tag="image-classification" if "ImageClassification" in type(model).__name__ else None,
+            task=task,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
-        Path(self.args.output_dir, "README.md").write_text(render_model_card(context))
+        build_model_card(context).save(os.path.join(self.args.output_dir, "README.md"))
 
     def _card_training_rows(self, model) -> dict:
         args = self.args
@@ -344,16 +347,39 @@ class ZSAMTrainer(Trainer):
         return rows
 
     def _card_metrics(self, eval_split: str) -> dict[str, dict[str, float]]:
-        """The latest evaluation of each split in the logs: {"validation": {"accuracy": ...}, "test": {...}}."""
+        """The latest evaluation of each split in the logs: {"validation": {"accuracy": ...}, "test": {...}}.
+
+        Every metric ``compute_metrics`` returned is kept; loss and speed figures are not.
+        """
         metrics: dict[str, dict[str, float]] = {}
         for entry in self.state.log_history:
             for prefix, split in (("eval_", eval_split), ("test_", "test")):
                 found = {
-                    k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix) and "accuracy" in k
+                    k[len(prefix) :]: v
+                    for k, v in entry.items()
+                    if k.startswith(prefix)
+                    and isinstance(v, (int, float))
+                    and not k.endswith(_NOT_CARD_METRICS)
                 }
                 if found:
                     metrics[split] = found
         return metrics
+
+
+_NOT_CARD_METRICS = (
+    "loss",
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+    "epoch",
+    "model_preparation_time",
+)
+
+
+def _pretrained_name(model) -> str | None:
+    """The checkpoint a model was loaded from (its config's name or path), None if built from scratch."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
 
 
 def _refuse_unsupported_backends(variant: str, deepspeed: bool, fsdp: bool) -> None:

@@ -1,0 +1,187 @@
+"""The optimizer-comparison grid: outputs, resume, schedule and flatness measure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from toy import TinyClassifier, vector_dataset
+from transformers import TrainerCallback
+
+import zsam_hf.benchmark.grid as benchmark
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_optimizers", ROOT / "scripts" / "benchmark_optimizers.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = [
+    "--dataset_name",
+    "digits",
+    "--models",
+    "cifar_resnet20",
+    "--variants",
+    "none",
+    "zsam-global",
+    "--seeds",
+    "0",
+    "--epochs",
+    "2",
+    "--max_train_samples",
+    "300",
+    "--batch_size",
+    "64",
+    "--warmup_epochs",
+    "0.5",
+    "--step_epochs",
+    "1",
+    "--flatness_samples",
+    "100",
+    "--flatness_directions",
+    "2",
+    "--flatness_radii",
+    "0.01",
+    "0.05",
+    "--sweep_model",
+    "cifar_resnet20",
+    "--sweep_quantiles",
+    "0.8",
+    "--sweep_rhos",
+    "0.1",
+    "--sweep_epochs",
+    "1",
+    "--sweep_max_train_samples",
+    "100",
+]
+
+
+def test_tiny_grid_writes_results_table_and_plots_then_resumes(tmp_path, capsys):
+    script = load_script()
+    out = tmp_path / "grid"
+    assert script.main([*TINY, "--output_dir", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert sorted((r["group"], r["variant"]) for r in records) == [
+        ("grid", "none"),
+        ("grid", "zsam-global"),
+        ("sweep", "zsam-global"),
+        ("sweep", "zsam-global"),
+    ]
+    grid = {r["variant"]: r for r in records if r["group"] == "grid"}
+    for r in grid.values():
+        assert 0 <= r["final_test_accuracy"] <= 1 and r["wall_time_s"] > 0
+        assert len(r["curve_test_accuracy"]) == 2 and r["best_test_accuracy"] >= r["final_test_accuracy"]
+        assert set(r) >= {"flatness@0.01", "flatness@0.05", "final_test_loss", "train_loss"}
+    assert "mean_sharpness" in grid["zsam-global"] and "mean_sharpness" not in grid["none"]
+    assert 0 < grid["zsam-global"]["mean_zsam_kept_fraction"] < 0.1
+    table = (out / "results.md").read_text()
+    assert (
+        "| cifar_resnet20 | zsam-global | 1 |" in table
+        and "Sensitivity sweep" in table
+        and "Command:" in table
+    )
+    assert (out / "results.csv").read_text().count("\n") == 5
+    for png in ("test_accuracy.png", "test_accuracy_curves.png", "flatness.png", "sensitivity.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert json.loads((out / "budget.json").read_text())["args"]["epochs"] == 2
+
+    capsys.readouterr()
+    assert script.main([*TINY, "--output_dir", str(out)]) == 0  # everything done: nothing retrained
+    assert capsys.readouterr().out.count("done already, skipped") == 4
+    assert len(benchmark.load_results(str(out / "results.jsonl"))) == 4
+
+
+class _KillAfterFirstSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt("killed halfway")
+
+
+def test_a_run_killed_halfway_is_resumed_and_counted_once(tmp_path, monkeypatch):
+    budget = benchmark.Budget(
+        dataset_name="digits",
+        epochs=2,
+        max_train_samples=200,
+        batch_size=64,
+        warmup_epochs=0.5,
+        step_epochs=1,
+    )
+    spec = benchmark.RunSpec("cifar_resnet20", "sam", 0, budget)
+    original = benchmark.build_trainer
+
+    def build_and_kill(*args, **kwargs):
+        trainer, test, labels = original(*args, **kwargs)
+        trainer.add_callback(_KillAfterFirstSave())
+        return trainer, test, labels
+
+    monkeypatch.setattr(benchmark, "build_trainer", build_and_kill)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run_grid([spec], str(tmp_path), [0.01], 1, 50)
+    assert benchmark.load_results(str(tmp_path / "results.jsonl")) == []  # not counted half-done
+    assert list((tmp_path / "runs" / spec.name).glob("checkpoint-*"))
+    monkeypatch.setattr(benchmark, "build_trainer", original)
+    [record] = benchmark.run_grid([spec], str(tmp_path), [0.01], 1, 50)
+    assert record["resumed"] is True and record["steps"] == 2 * math.ceil(200 / 64)
+    assert not (tmp_path / "runs" / spec.name).exists()  # checkpoints cleaned once recorded
+
+
+def test_released_code_schedule_warms_up_then_steps():
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    budget = benchmark.Budget(warmup_epochs=2, step_epochs=3, gamma=0.5)
+    sched = benchmark.released_code_schedule(opt, steps_per_epoch=10, budget=budget)
+    lrs = []
+    for _ in range(90):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1 / 20) and lrs[19] == pytest.approx(1.0)
+    assert (
+        lrs[20] == lrs[49] == pytest.approx(1.0)
+        and lrs[50] == pytest.approx(0.5)
+        and lrs[80] == pytest.approx(0.25)
+    )
+
+
+def test_flatness_measures_loss_increase_and_restores_weights():
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    data = vector_dataset(64)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+
+    class Wrapped(torch.nn.Module):  # flatness() expects model(**batch).loss
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, labels):
+            out = self.inner(x, labels)
+            return type("Out", (), {"loss": out["loss"]})()
+
+    result = benchmark.flatness(Wrapped(model), data, [0.0, 0.5], directions=3, seed=0)
+    assert result["flatness@0.0"] == pytest.approx(0.0, abs=1e-7)
+    assert result["flatness@0.5"] > 0
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    # the same directions by hand: relative norm 0.5 per tensor
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the 0.0 radius consumed three draws per tensor first
+        for p in model.parameters():
+            torch.randn(p.shape, generator=gen)
+    x, labels = data[:]["x"], data[:]["labels"]
+    base = torch.nn.functional.cross_entropy(model(x)["logits"], labels).item()
+    increases = []
+    with torch.no_grad():
+        for _ in range(3):
+            for p, w in zip(model.parameters(), before.values()):
+                noise = torch.randn(w.shape, generator=gen)
+                p.copy_(w + noise * (0.5 * w.norm() / noise.norm()))
+            increases.append(torch.nn.functional.cross_entropy(model(x)["logits"], labels).item() - base)
+    assert result["flatness@0.5"] == pytest.approx(sum(increases) / 3, rel=1e-4)

@@ -1,0 +1,79 @@
+"""Criterion 5: two-process gloo DDP, per-replica and synchronized ascent."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from reference import loss_by_hand, reference_offsets
+from toy import TinyClassifier
+
+HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
+
+
+@pytest.fixture(scope="module")
+def ddp_records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {
+        **os.environ,
+        "PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(HELPERS, "ddp_worker.py"),
+        str(out),
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {
+        sync: [torch.load(out / f"sync{sync}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+        for sync in (0, 1)
+    }
+
+
+def _grads(model, params: dict, batch) -> list[torch.Tensor]:
+    leaves = {n: t.clone().requires_grad_() for n, t in params.items()}
+    return list(torch.autograd.grad(loss_by_hand(model, leaves, batch, False, 1.0), list(leaves.values())))
+
+
+def ddp_gradient_by_hand(w0: dict, batches: list[dict], sync: bool) -> dict:
+    """Mean over ranks of grad L_r(w0 + e_r); e_r from rank r's own g, or from the mean g."""
+    model, names = TinyClassifier(), list(w0)
+    ascent = [_grads(model, w0, b) for b in batches]
+    if sync:
+        mean = [sum(gs) / len(gs) for gs in zip(*ascent)]
+        ascent = [mean] * len(batches)
+    total = [torch.zeros_like(w0[n]) for n in names]
+    for batch, g in zip(batches, ascent):
+        e = reference_offsets("zsam", names, [w0[n] for n in names], g, 0.05)
+        w = {n: (w0[n].double() + torch.from_numpy(ei)).float() for n, ei in zip(names, e)}
+        total = [t + d / len(batches) for t, d in zip(total, _grads(model, w, batch))]
+    return dict(zip(names, total))
+
+
+@pytest.mark.parametrize("sync", [0, 1])
+def test_ddp_gradient_is_mean_of_replica_sam_gradients(ddp_records, sync):
+    ranks = ddp_records[sync]
+    assert ranks[0]["world_size"] == 2
+    for step in range(3):
+        for key in ("start", "pre_step", "end"):  # identical weights on every rank, restored exactly
+            assert all(
+                torch.equal(ranks[0][key][step][n], ranks[1][key][step][n]) for n in ranks[0][key][step]
+            )
+        w0 = ranks[0]["start"][step]
+        batches = [[b for s, b, _ in r["batches"] if s == step][0] for r in ranks]
+        assert not torch.equal(batches[0]["x"], batches[1]["x"])  # each rank saw its own data
+        expected = ddp_gradient_by_hand(w0, batches, bool(sync))
+        other = ddp_gradient_by_hand(w0, batches, not sync)
+        for n in expected:
+            for r in ranks:
+                np.testing.assert_allclose(r["grads"][step][n], expected[n], rtol=2e-4, atol=1e-6, err_msg=n)
+        assert any(not torch.allclose(expected[n], other[n], rtol=1e-3, atol=1e-5) for n in expected)

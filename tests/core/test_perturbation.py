@@ -1,0 +1,305 @@
+"""The perturbation math against the plain reference of docs/algorithm.md."""
+
+import numpy as np
+import pytest
+import torch
+from reference import as_f64, reference_mask, reference_offsets
+from torch.overrides import TorchFunctionMode
+
+from zsam_hf.perturbation import SharpnessPerturbation, SparseOffset
+from zsam_hf.selection import interpolated_quantile, zscore_mask
+
+QUANTILES = [0.0, 0.3, 0.5, 0.9, 0.95, 0.99]
+
+
+def dense(offset, like: torch.Tensor) -> np.ndarray:
+    if isinstance(offset, SparseOffset):
+        out = np.zeros(like.numel())
+        out[offset.indices.numpy()] = as_f64(offset.values)
+        return out.reshape(like.shape)
+    return as_f64(offset)
+
+
+def named_tensors(seed: int = 0):
+    """A model-shaped mix: conv and linear weights, biases, norm scales, odd corner cases."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {
+        "conv.weight": (8, 3, 3, 3),
+        "conv.bias": (8,),
+        "bn.weight": (8,),
+        "bn.bias": (8,),
+        "big.weight": (300, 240),  # large enough for the bracketed selection (> SMALL_TENSOR)
+        "fc.weight": (10, 16),
+        "fc.bias": (10,),
+        "cls_token": (1, 1, 16),
+        "single.weight": (1, 1),  # numel 1: empty mask, SAM fallback
+        "constant.weight": (4, 5),  # sigma == 0: empty mask, SAM fallback
+        "zero.weight": (3, 3),
+    }
+    names = list(shapes)
+    params = [torch.randn(s, generator=gen) for s in shapes.values()]
+    grads = [torch.randn(s, generator=gen) * (0.1 + i) for i, s in enumerate(shapes.values())]
+    grads[names.index("constant.weight")] = torch.full((4, 5), 0.3)
+    grads[names.index("zero.weight")] = torch.zeros(3, 3)
+    return names, params, grads
+
+
+CASES = [("sam", "global"), ("asam", "global"), ("fsam", "global"), ("zsam", "global"), ("zsam", "tensor")]
+
+
+@pytest.mark.parametrize("variant,normalization", CASES)
+@pytest.mark.parametrize("quantile", [0.5, 0.95])
+def test_offsets_match_reference(variant, normalization, quantile):
+    rho = 0.5 if variant == "asam" else 0.05
+    perturbation = SharpnessPerturbation(
+        variant=variant, rho=rho, quantile=quantile, normalization=normalization
+    )
+    ema_ref: dict = {}
+    for step in range(3):  # several steps: FSAM's EMA must evolve like the reference's
+        names, params, grads = named_tensors(seed=step)
+        ours, _ = perturbation.offsets(names, params, [g.clone() for g in grads])
+        expected = reference_offsets(
+            variant, names, params, grads, rho, quantile=quantile, normalization=normalization, ema=ema_ref
+        )
+        for name, p, o, e in zip(names, params, ours, expected):
+            np.testing.assert_allclose(
+                dense(o, p), e, rtol=2e-5, atol=1e-9, err_msg=f"{variant} {name} step {step}"
+            )
+
+
+def test_global_zsam_has_norm_rho_and_tensor_zsam_has_rho_per_tensor():
+    names, params, grads = named_tensors()
+    keep = [i for i, n in enumerate(names) if n not in ("single.weight", "constant.weight", "zero.weight")]
+    names, params, grads = [names[i] for i in keep], [params[i] for i in keep], [grads[i] for i in keep]
+    glob, _ = SharpnessPerturbation(variant="zsam", rho=0.05).offsets(
+        names, params, [g.clone() for g in grads]
+    )
+    assert np.sqrt(sum((dense(o, p) ** 2).sum() for o, p in zip(glob, params))) == pytest.approx(
+        0.05, rel=1e-5
+    )
+    per, _ = SharpnessPerturbation(variant="zsam", rho=0.05, normalization="tensor").offsets(
+        names, params, grads
+    )
+    for o, p in zip(per, params):
+        if p.ndim > 1:
+            assert np.linalg.norm(dense(o, p)) == pytest.approx(0.05, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["sam", "asam", "fsam", "zsam"])
+def test_apply_then_restore_is_bit_exact_and_applies_e(variant):
+    names, params, grads = named_tensors()
+    original = [p.clone() for p in params]
+    perturbation = SharpnessPerturbation(variant=variant, rho=0.05)
+    applied, stats = perturbation.perturb(names, params, [g.clone() for g in grads])
+    expected = reference_offsets(variant, names, original, grads, 0.05, ema={})
+    for p, w, e in zip(params, original, expected):
+        np.testing.assert_allclose(as_f64(p), as_f64(w) + e, rtol=1e-6, atol=1e-7)
+    assert stats.norm.item() == pytest.approx(np.sqrt(sum((e**2).sum() for e in expected)), rel=1e-5)
+    applied.restore()
+    for p, w in zip(params, original):
+        assert torch.equal(p, w)
+
+
+def test_zsam_keeps_far_less_than_a_weight_copy():
+    """Between the passes zsam stores only the perturbed entries (<= 0.2x parameter bytes)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [
+        (64, 3, 3, 3),
+        (64, 64, 3, 3),
+        (128, 64, 3, 3),
+        (256, 128, 3, 3),
+        (512, 256, 3, 3),
+        (10, 512),
+        (64,),
+    ]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    names = [f"p{i}.weight" for i in range(len(shapes))]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    zsam, _ = SharpnessPerturbation(variant="zsam").perturb(names, params, grads)
+    sam, _ = SharpnessPerturbation(variant="sam").perturb(names, [p.clone() for p in params], grads)
+    assert zsam.extra_bytes() <= 0.2 * param_bytes
+    assert sam.extra_bytes() == param_bytes
+
+
+@pytest.mark.parametrize(
+    "where,value",
+    [
+        ("big.weight", float("inf")),
+        ("big.weight", float("nan")),
+        ("fc.weight", float("-inf")),
+        ("bn.bias", float("nan")),
+    ],
+)
+def test_non_finite_gradient_means_no_perturbation(where, value):
+    names, params, grads = named_tensors()
+    original = [p.clone() for p in params]
+    grads[names.index(where)].view(-1)[3] = value
+    for variant in ("sam", "zsam", "asam", "fsam"):
+        applied, stats = SharpnessPerturbation(variant=variant).perturb(names, params, grads)
+        assert stats is None and applied.params == []
+        assert all(torch.equal(p, w) for p, w in zip(params, original))
+
+
+def test_parameters_without_gradient_are_not_touched():
+    names, params, grads = named_tensors()
+    original = [p.clone() for p in params]
+    grads = [None if i % 2 else g for i, g in enumerate(grads)]
+    applied, _ = SharpnessPerturbation(variant="zsam").perturb(names, params, grads)
+    for i, (p, w) in enumerate(zip(params, original)):
+        if i % 2:
+            assert torch.equal(p, w)
+    assert all(any(p is q for q in applied.params) for i, p in enumerate(params) if i % 2 == 0)
+    applied.restore()
+    nothing, stats = SharpnessPerturbation(variant="zsam").perturb(names, params, [None] * len(params))
+    assert stats is None and nothing.params == []
+
+
+# ---- the z-score mask (criterion 2) ------------------------------------------------
+def _check_mask(grad: torch.Tensor, q: float):
+    ours = zscore_mask(grad, q)
+    assert ours.dtype == torch.bool and ours.shape == grad.shape
+    np.testing.assert_array_equal(ours.numpy(), reference_mask(grad, q), err_msg=f"n={grad.numel()} q={q}")
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 100, 5000, 40_000, 300_000])
+@pytest.mark.parametrize("q", QUANTILES)
+def test_mask_matches_quantile_definition_on_random_tensors(n, q):
+    _check_mask(torch.randn(n, 2, generator=torch.Generator().manual_seed(n)), q)
+
+
+@pytest.mark.parametrize("n", [50, 40_000, 300_000])
+@pytest.mark.parametrize("q", QUANTILES)
+def test_mask_with_heavy_ties(n, q):
+    gen = torch.Generator().manual_seed(n)
+    _check_mask(torch.randint(-3, 4, (n, 2), generator=gen).float(), q)  # few distinct values
+    sparse = torch.zeros(n, 9)
+    sparse[:, 4] = torch.randn(n, generator=gen)  # 8 of 9 kernel taps exactly zero
+    _check_mask(sparse, q)
+
+
+@pytest.mark.parametrize("q", QUANTILES)
+def test_mask_of_constant_and_single_entry_tensors_is_empty(q):
+    for grad in (
+        torch.full((30, 4), 2.5),
+        torch.full((200, 200), -1e-3),
+        torch.tensor([[0.7]]),
+        torch.zeros(5, 5),
+    ):
+        assert not zscore_mask(grad, q).any()
+        _check_mask(grad, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1000, 100_000])
+@pytest.mark.parametrize("q", [0.5, 0.95])
+def test_mask_of_half_precision_gradients(dtype, n, q):
+    _check_mask(torch.randn(n, 3, generator=torch.Generator().manual_seed(1)).to(dtype), q)
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 1000, 70_000])
+@pytest.mark.parametrize("q", QUANTILES)
+def test_interpolated_quantile_matches_numpy(n, q):
+    x = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    assert interpolated_quantile(x, q).item() == pytest.approx(np.quantile(as_f64(x), q), rel=1e-6)
+
+
+class _SelectionSpy(TorchFunctionMode):
+    """Records the input size of every sort-like or selection call."""
+
+    WATCHED = {"sort", "argsort", "msort", "quantile", "nanquantile", "kthvalue", "topk"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.WATCHED and args and isinstance(args[0], torch.Tensor):
+            self.calls.append((name, args[0].numel()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_mask_of_a_30m_entry_tensor_uses_linear_selection(monkeypatch):
+    n = 30_000_000  # torch.quantile refuses > 2**24 entries
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(3)).view(6000, 5000)
+    partitioned: list[int] = []
+    real_partition = np.partition
+
+    def recording_partition(a, kth, *args, **kwargs):
+        partitioned.append(np.size(a))
+        return real_partition(a, kth, *args, **kwargs)
+
+    monkeypatch.setattr(np, "partition", recording_partition)
+    with _SelectionSpy() as spy:
+        ours = zscore_mask(grad, 0.95)
+    sorted_sizes = [size for name, size in spy.calls if name in ("sort", "argsort", "msort", "quantile")]
+    assert max(sorted_sizes, default=0) <= n // 100, spy.calls  # only a small sample is ever sorted
+    assert all(size <= n // 10 for name, size in spy.calls), spy.calls  # selections see a thin bracket
+    # NumPy selections: the sample, and the candidates (the kept 5% plus a thin bracket), never all n
+    assert partitioned and max(partitioned) <= 0.06 * n, partitioned
+    np.testing.assert_array_equal(ours.numpy(), reference_mask(grad, 0.95))
+    assert ours.sum().item() == pytest.approx(0.05 * n, rel=1e-3)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.95, 0.99])
+def test_accelerator_path_with_few_syncs_gives_the_same_masks(q, monkeypatch):
+    """The GPU path (one flat mask, one nonzero) against the reference, here on the CPU."""
+    from zsam_hf.selection import accelerator, order_statistics
+
+    gen = torch.Generator().manual_seed(5)
+    grads = [
+        torch.randn(300, 200, generator=gen),
+        torch.tensor([[0.3]]),
+        torch.full((40, 5), 2.0),
+        torch.randint(-2, 3, (500, 90), generator=gen).float(),
+        torch.randn(64, 3, 3, 3, generator=gen).half(),
+    ]
+    monkeypatch.setattr(
+        order_statistics, "SORT_SIZE_LIMIT", 20_000
+    )  # the largest tensor takes the selection branch
+    means = [order_statistics.gradient_mean(g) for g in grads]
+    for grad, (kept, values) in zip(grads, accelerator.kept_with_few_syncs(grads, q, means)):
+        mask = np.zeros(grad.numel(), dtype=bool)
+        mask[kept.numpy()] = True
+        np.testing.assert_array_equal(mask.reshape(grad.shape), reference_mask(grad, q))
+        assert torch.equal(values, grad.reshape(-1)[kept])
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 1000, 70_000])
+def test_torch_only_order_statistics_match_numpy(n, monkeypatch):
+    """The accelerator's selection (a sort, or kthvalue and two reductions), run here on the CPU."""
+    from zsam_hf.selection import order_statistics
+
+    monkeypatch.setattr(order_statistics, "SORT_SIZE_LIMIT", 100)  # 1000 and 70_000 take kthvalue
+    x = torch.randint(0, n // 3 + 2, (n,), generator=torch.Generator().manual_seed(n)).float()  # ties
+    ordered = np.sort(x.numpy())
+    for rank in sorted({0, n // 2, n - 2, n - 1} - {-1}):
+        lower, upper = order_statistics.adjacent_by_kthvalue(x, rank)
+        assert (lower.item(), upper.item()) == (ordered[rank], ordered[min(rank + 1, n - 1)])
+
+
+@pytest.mark.parametrize("n,q", [(1000, 0.95), (40_000, 0.9), (300_001, 0.99), (77, 0.5)])
+def test_mask_against_torch_quantile_itself(n, q):
+    """The literal definition: torch.quantile (linear interpolation) on |z| in float64, strict >."""
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3 + 1
+    g = grad.double()
+    z = ((g - g.mean()) / (g.std() + 1e-12)).abs()
+    np.testing.assert_array_equal(zscore_mask(grad, q).numpy(), (z > torch.quantile(z, q)).numpy())
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 63, 64, 65, 1000, 262_147])
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 0.5, 1.0])
+def test_positions_above_match_numpy(size, density):
+    """The two-step branch-free position search, against a plain np.flatnonzero."""
+    from zsam_hf.selection import cpu
+
+    gen = torch.Generator().manual_seed(size)
+    values = torch.rand(size, generator=gen)
+    values[: size // 3] = 0.5  # a run of ties at the bound
+    bound = 1.0 - density
+    for inclusive in (False, True):
+        expected = np.flatnonzero(values.numpy() >= bound if inclusive else values.numpy() > bound)
+        for buffer in (None, np.ones(2 * size + 64, dtype=bool)):  # a reused buffer holds stale bytes
+            got = cpu.positions_above(values, bound, inclusive=inclusive, buffer=buffer)
+            np.testing.assert_array_equal(got.numpy(), expected)

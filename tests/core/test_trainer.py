@@ -1,0 +1,332 @@
+"""ZSAMTrainer inside the real Trainer loop, checked against gradients computed by hand."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import loss_by_hand, reference_offsets
+from toy import (
+    RecordingTrainer,
+    StepRecorder,
+    TinyClassifier,
+    image_dataset,
+    make_args,
+    tiny_vit,
+    vector_dataset,
+)
+
+from zsam_hf import ZSAMTrainer
+
+
+# ---- gradients by hand -------------------------------------------------------------------
+def sam_gradient_by_hand(
+    model, w0: dict, batch: dict, summed: bool, weight: float, variant: str, **ref_kwargs
+):
+    """grad L(w0 + e) with e built by the reference from this batch's own grad L(w0)."""
+    names = list(w0)
+    at_w = {n: w0[n].clone().requires_grad_() for n in names}
+    g = torch.autograd.grad(loss_by_hand(model, at_w, batch, summed, weight), list(at_w.values()))
+    rho = ref_kwargs.pop("rho", 0.5 if variant == "asam" else 0.05)
+    e = reference_offsets(variant, names, [w0[n] for n in names], g, rho, **ref_kwargs)
+    at_we = {n: (w0[n].double() + torch.from_numpy(ei)).float().requires_grad_() for n, ei in zip(names, e)}
+    g_prime = torch.autograd.grad(loss_by_hand(model, at_we, batch, summed, weight), list(at_we.values()))
+    return dict(zip(names, g_prime)), dict(zip(names, g))
+
+
+def assert_close_dicts(actual: dict, expected: dict, rtol=2e-4, atol=1e-6, what=""):
+    assert set(actual) == set(expected), what
+    for n in expected:
+        np.testing.assert_allclose(
+            actual[n].numpy(), expected[n].numpy(), rtol=rtol, atol=atol, err_msg=f"{what} {n}"
+        )
+
+
+def train_recorded(tmp_path, model, dataset, **arg_overrides):
+    trainer = RecordingTrainer(model=model, args=make_args(tmp_path, **arg_overrides), train_dataset=dataset)
+    recorder = StepRecorder(model)
+    trainer.add_callback(recorder)
+    trainer.train()
+    return trainer, recorder
+
+
+def micro_batches_of_step(trainer, step: int) -> list[tuple[dict, object]]:
+    return [(batch, n) for s, batch, n in trainer.micro_batches if s == step]
+
+
+# ---- criterion 3: the optimizer receives grad L(w + e); weights are w again --------------
+@pytest.mark.parametrize(
+    "variant,normalization",
+    [("zsam", "global"), ("zsam", "tensor"), ("sam", "global"), ("asam", "global"), ("fsam", "global")],
+)
+def test_optimizer_gets_gradient_at_w_plus_e_and_weights_are_restored(tmp_path, variant, normalization):
+    model = TinyClassifier()
+    trainer, rec = train_recorded(
+        tmp_path,
+        model,
+        vector_dataset(24),
+        sam_variant=variant,
+        zsam_normalization=normalization,
+        max_steps=4,
+    )
+    ema: dict = {}
+    for step in range(4):
+        assert all(torch.equal(rec.pre_step_weights[step][n], rec.start[step][n]) for n in rec.start[step])
+        [(batch, _)] = micro_batches_of_step(trainer, step)
+        expected, _ = sam_gradient_by_hand(
+            model, rec.start[step], batch, False, 1.0, variant, normalization=normalization, ema=ema
+        )
+        assert_close_dicts(rec.pre_step_grads[step], expected, what=f"step {step}")
+        assert not all(torch.equal(rec.end[step][n], rec.start[step][n]) for n in expected)  # it did step
+
+
+# ---- criterion 4: gradient accumulation, both loss paths ---------------------------------
+@pytest.mark.parametrize("accumulation", [1, 2, 4])
+@pytest.mark.parametrize("model_kind", ["module", "vit"])
+def test_accumulated_gradient_is_sum_of_micro_batch_sam_gradients(tmp_path, accumulation, model_kind):
+    # 22 samples in micro-batches of 4: five full and one of 2; with 4-step accumulation the
+    # second optimizer step is short (2 micro-batches).
+    if model_kind == "vit":
+        model, data, summed = tiny_vit(), image_dataset(22), True
+    else:
+        model, data, summed = TinyClassifier(), vector_dataset(22), False
+    steps = math.ceil(6 / accumulation)
+    trainer, rec = train_recorded(
+        tmp_path, model, data, gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=0.02
+    )
+    assert trainer.model_accepts_loss_kwargs == summed
+    for step in range(steps):
+        batches = micro_batches_of_step(trainer, step)
+        assert len(batches) == min(accumulation, 6 - step * accumulation)
+        total = None
+        for batch, num_items in batches:
+            weight = 1.0 / int(num_items) if summed else 1.0 / len(batches)
+            g_prime, _ = sam_gradient_by_hand(model, rec.start[step], batch, summed, weight, "zsam")
+            total = g_prime if total is None else {n: total[n] + g_prime[n] for n in total}
+        assert_close_dicts(rec.pre_step_grads[step], total, what=f"GA={accumulation} step {step}")
+        assert all(torch.equal(rec.pre_step_weights[step][n], rec.start[step][n]) for n in total)
+
+
+# ---- criterion 7: BatchNorm statistics move once per step ----------------------------------
+def test_batchnorm_running_stats_move_once_per_step(tmp_path):
+    model = TinyClassifier(batchnorm=True)
+    at_w0 = copy.deepcopy(model)
+    trainer, _ = train_recorded(
+        tmp_path, model, vector_dataset(16), per_device_train_batch_size=16, max_steps=1
+    )
+    [(_, batch, _)] = trainer.micro_batches
+    at_w0.train()
+    at_w0(batch["x"])  # the one update the ascent pass should have made
+    assert model.norm.num_batches_tracked.item() == 1
+    assert not torch.allclose(model.norm.running_mean, torch.zeros(12))
+    torch.testing.assert_close(model.norm.running_mean, at_w0.norm.running_mean)
+    torch.testing.assert_close(model.norm.running_var, at_w0.norm.running_var)
+
+
+# ---- criterion 8: clipping acts on the descent gradient only --------------------------------
+def test_clipping_acts_on_descent_gradient_only(tmp_path):
+    model = TinyClassifier()
+    trainer, rec = train_recorded(
+        tmp_path, model, vector_dataset(8), sam_variant="fsam", max_grad_norm=0.01, max_steps=1
+    )
+    [(_, batch, _)] = trainer.micro_batches
+    expected, ascent = sam_gradient_by_hand(model, rec.start[0], batch, False, 1.0, "fsam", ema={})
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()]))
+    assert norm > 0.01  # clipping was active
+    clipped = {n: g * (0.01 / (norm + 1e-6)) for n, g in expected.items()}
+    assert_close_dicts(rec.pre_step_grads[0], clipped, what="clipped descent gradient")
+    # FSAM's EMA holds the first ascent gradient as is: clipping never reached it
+    names = [n for n, _ in model.named_parameters()]
+    assert_close_dicts(
+        {n: trainer.perturbation.ema[n] for n in names}, ascent, what="unclipped ascent gradient"
+    )
+
+
+# ---- criterion 9: resume gives the same weights -------------------------------------------
+@pytest.mark.parametrize("variant", ["zsam", "sam", "asam", "fsam", "none"])
+def test_resume_from_checkpoint_matches_straight_training(tmp_path, variant):
+    def run(output_dir, resume=None):
+        model = TinyClassifier(batchnorm=True)
+        args = make_args(
+            tmp_path,
+            output_dir=str(output_dir),
+            sam_variant=variant,
+            max_steps=6,
+            save_strategy="steps",
+            save_steps=3,
+            optim="adamw_torch",
+            learning_rate=0.01,
+            per_device_train_batch_size=8,
+        )
+        ZSAMTrainer(model=model, args=args, train_dataset=vector_dataset(40)).train(
+            resume_from_checkpoint=resume
+        )
+        return {n: t.clone() for n, t in model.state_dict().items()}
+
+    straight = run(tmp_path / "straight")
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / "sam_state_rank0.pt").exists() == (variant == "fsam")
+    resumed = run(tmp_path / "resumed", resume=str(checkpoint))
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_fsam_state_is_what_resume_needs(tmp_path):
+    """Without the saved EMA, resuming FSAM would diverge: the test above has teeth."""
+    model = TinyClassifier()
+    args = make_args(tmp_path, sam_variant="fsam", max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = ZSAMTrainer(model=model, args=args, train_dataset=vector_dataset(16))
+    trainer.train()
+    saved = torch.load(tmp_path / "out" / "checkpoint-1" / "sam_state_rank0.pt", weights_only=True)
+    assert set(saved["ema"]) == {n for n, _ in model.named_parameters()}
+    assert not torch.equal(saved["ema"]["fc1.weight"], trainer.perturbation.ema["fc1.weight"])
+
+
+# ---- criterion 10: frozen and unused parameters ---------------------------------------------
+class PartlyFrozen(TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.randn(4, 4))
+        self.fc1.requires_grad_(False)
+
+
+def test_frozen_and_unused_parameters_are_never_touched(tmp_path):
+    model = PartlyFrozen()
+    frozen = model.fc1.weight.detach().clone()
+    unused = model.unused.detach().clone()
+    seen = []
+    model.fc1.register_forward_pre_hook(lambda m, a: seen.append(torch.equal(m.weight, frozen)))
+    _, rec = train_recorded(tmp_path, model, vector_dataset(16), max_steps=3)
+    assert len(seen) == 6 and all(seen)  # both passes of 3 steps saw the original frozen weights
+    assert torch.equal(model.fc1.weight, frozen) and torch.equal(model.unused, unused)
+    assert not torch.equal(rec.end[-1]["fc2.weight"], rec.start[0]["fc2.weight"])
+
+
+class NothingTrainable(TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        self.requires_grad_(False)
+        self.unused = torch.nn.Parameter(torch.zeros(3))
+
+
+def test_step_where_no_parameter_has_a_gradient_does_not_crash(tmp_path):
+    model = NothingTrainable()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    trainer = ZSAMTrainer(model=model, args=make_args(tmp_path, max_steps=2), train_dataset=vector_dataset(8))
+    trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert any("loss" in h for h in trainer.state.log_history)
+
+
+# ---- criterion 11: unsupported backends -----------------------------------------------------
+@pytest.mark.parametrize("backend,value", [("deepspeed", {"train_batch_size": 4}), ("fsdp", "full_shard")])
+def test_deepspeed_and_fsdp_are_refused(tmp_path, backend, value):
+    args = make_args(tmp_path)
+    setattr(args, backend, value)
+    with pytest.raises(ValueError, match="does not support (DeepSpeed|FSDP) yet"):
+        ZSAMTrainer(model=TinyClassifier(), args=args, train_dataset=vector_dataset(8))
+
+
+def test_plain_training_arguments_are_refused_with_a_hint(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(TypeError, match="ZSAMTrainingArguments"):
+        ZSAMTrainer(model=TinyClassifier(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
+
+
+# ---- criterion 12: sharpness metrics in the logs ----------------------------------------------
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_logs_carry_sharpness_metrics(tmp_path, accumulation):
+    trainer = ZSAMTrainer(
+        model=TinyClassifier(),
+        args=make_args(tmp_path, max_steps=4, logging_steps=2, gradient_accumulation_steps=accumulation),
+        train_dataset=vector_dataset(32),
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    for h in logs:
+        assert h["sharpness"] == pytest.approx(h["perturbed_loss"] - h["loss"], abs=1e-5)
+        assert h["sharpness"] > 0  # the ascent step raises the loss
+        assert h["perturbation_norm"] == pytest.approx(0.05, rel=1e-4)
+        assert 0 < h["zsam_kept_fraction"] < 0.1
+        assert h["loss"] == pytest.approx(h["perturbed_loss"] - h["sharpness"], abs=1e-5)
+
+
+def test_plain_variant_logs_like_the_trainer(tmp_path):
+    trainer = ZSAMTrainer(
+        model=TinyClassifier(), args=make_args(tmp_path, sam_variant="none"), train_dataset=vector_dataset(8)
+    )
+    trainer.train()
+    assert not any("sharpness" in h for h in trainer.state.log_history)
+
+
+# ---- criterion 6: bf16 autocast, fp16 GradScaler --------------------------------------------------
+def test_bf16_autocast_on_cpu(tmp_path):
+    model = tiny_vit()
+    trainer = ZSAMTrainer(
+        model=model, args=make_args(tmp_path, bf16=True, max_steps=3), train_dataset=image_dataset(16)
+    )
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(h["sharpness"]) for h in trainer.state.log_history if "loss" in h)
+
+
+class CountingScaler(torch.amp.GradScaler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unscale_calls = 0
+
+    def unscale_(self, optimizer):
+        self.unscale_calls += 1
+        return super().unscale_(optimizer)
+
+
+def test_fp16_grad_scaler_unscales_once_and_skips_overflow_without_nan(tmp_path):
+    # A scale near float32's limit overflows the first steps' gradients (ascent and descent):
+    # the ascent must then leave w alone and the scaler must skip the step and back off.
+    model = TinyClassifier()
+    data = vector_dataset(16).map(lambda columns: {"x": columns["x"] * 50})
+    trainer = ZSAMTrainer(
+        model=model, args=make_args(tmp_path, fp16=True, max_grad_norm=1.0, max_steps=4), train_dataset=data
+    )
+    scaler = CountingScaler("cpu", init_scale=2.0**126, backoff_factor=2.0**-110, growth_interval=1000)
+    trainer.accelerator.scaler = scaler
+    trainer.accelerator.native_amp = True
+    rec = StepRecorder(model)
+    trainer.add_callback(rec)
+    trainer.train()
+    assert scaler.unscale_calls == 4  # once per step, by the Trainer's clipping only
+    assert scaler.get_scale() < 2.0**126  # at least one overflow happened and was skipped
+    skipped = [all(torch.equal(rec.start[s][n], rec.end[s][n]) for n in rec.start[s]) for s in range(4)]
+    assert skipped[0] and not all(skipped)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["perturbation_norm"] == 0.0  # no perturbation on the overflowing step
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(
+        torch.equal(rec.pre_step_weights[s][n], rec.start[s][n]) for s in range(4) for n in rec.start[s]
+    )
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, accumulation):
+    """Reentrant checkpoints refuse autograd.grad: the ascent then goes through backward()."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_vit()
+        args = make_args(
+            tmp_path,
+            max_steps=2,
+            gradient_accumulation_steps=accumulation,
+            learning_rate=0.01,
+            gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": True} if checkpointing else None,
+        )
+        ZSAMTrainer(model=model, args=args, train_dataset=image_dataset(16)).train()
+        assert model.is_gradient_checkpointing == checkpointing
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,179 @@
+"""Checks that need a CUDA GPU; they skip where there is none (CI has none).
+
+    python -m pytest tests/gpu      # on a GPU machine
+
+1. the z-score mask on the GPU equals the CPU one (fp32, bf16, fp16, ties, 30M entries);
+2. inside ZSAMTrainer on the GPU, the optimizer receives grad L(w + e) computed by hand and
+   the weights before the optimizer step are w bit for bit;
+3. fp16 with the real GradScaler: one unscale per step, overflowing steps skipped, no NaN;
+   bf16 autocast trains.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from reference import reference_offsets
+from transformers import TrainerCallback
+
+from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments, zscore_mask
+
+DEVICE = torch.device("cuda")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_mask_matches_cpu() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(2_359_296, generator=gen),
+        torch.randn(512, 512, 3, 3, generator=gen).to(torch.bfloat16),
+        torch.randn(300, 400, generator=gen).to(torch.float16),
+        torch.randint(-3, 4, (1_000_000,), generator=gen).float(),
+        torch.zeros(512, 9).index_fill_(1, torch.tensor([4]), 1.0) * torch.randn(512, 1, generator=gen),
+        torch.randn(30_000_000, generator=gen),
+    ]
+    for grad in cases:
+        for q in (0.5, 0.95, 0.99):
+            on_gpu = zscore_mask(grad.to(DEVICE), q).cpu()
+            on_cpu = zscore_mask(grad, q)
+            assert torch.equal(on_gpu, on_cpu), (
+                tuple(grad.shape),
+                grad.dtype,
+                q,
+                (on_gpu != on_cpu).sum().item(),
+            )
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 5)
+
+    def forward(self, x, labels=None):
+        logits = self.fc2(torch.tanh(self.fc1(x)))
+        return {"logits": logits, "loss": F.cross_entropy(logits, labels) if labels is not None else None}
+
+
+class VectorData(torch.utils.data.Dataset):
+    def __init__(self, n: int, scale: float = 1.0):
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 16, generator=gen) * scale
+        self.y = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0).long() * 2
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class Recorder(TrainerCallback):
+    def __init__(self, model):
+        self.model, self.start, self.pre, self.grads, self.end = model, [], [], [], []
+
+    def _w(self):
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def on_step_begin(self, *a, **k):
+        self.start.append(self._w())
+
+    def on_pre_optimizer_step(self, *a, **k):
+        self.pre.append(self._w())
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters()})
+
+    def on_step_end(self, *a, **k):
+        self.end.append(self._w())
+
+
+def _args(tmp: str, **kw) -> ZSAMTrainingArguments:
+    base = dict(
+        output_dir=tmp,
+        per_device_train_batch_size=64,
+        max_steps=3,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        max_grad_norm=0.0,
+    )
+    base.update(kw)
+    return ZSAMTrainingArguments(**base)
+
+
+def test_gradient_at_w_plus_e() -> None:
+    model = Net()
+    data = VectorData(64)  # one full batch per step: the batch is known
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ZSAMTrainer(model=model, args=_args(tmp), train_dataset=data)
+        rec = Recorder(model)
+        trainer.add_callback(rec)
+        trainer.train()
+    names = [n for n, _ in model.named_parameters()]
+    x, y = data.x.to(DEVICE), data.y.to(DEVICE)
+    for step in range(3):
+        w0 = rec.start[step]
+        assert all(torch.equal(rec.pre[step][n], w0[n]) for n in names), "weights not restored exactly"
+        leaves = {n: w0[n].clone().requires_grad_() for n in names}
+        out = torch.func.functional_call(model, leaves, (x, y))
+        g = torch.autograd.grad(out["loss"], list(leaves.values()))
+        e = reference_offsets("zsam", names, [w0[n] for n in names], g, 0.05)
+        moved = {
+            n: (w0[n].double() + torch.from_numpy(ei).to(DEVICE)).float().requires_grad_()
+            for n, ei in zip(names, e)
+        }
+        out = torch.func.functional_call(model, moved, (x, y))
+        expected = torch.autograd.grad(out["loss"], list(moved.values()))
+        for n, exp in zip(names, expected):
+            np.testing.assert_allclose(
+                rec.grads[step][n].cpu().numpy(), exp.cpu().numpy(), rtol=1e-3, atol=1e-5, err_msg=n
+            )
+
+
+class CountingScaler(torch.amp.GradScaler):
+    calls = 0
+
+    def unscale_(self, optimizer):
+        CountingScaler.calls += 1
+        return super().unscale_(optimizer)
+
+
+def test_fp16_grad_scaler() -> None:
+    model = Net()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ZSAMTrainer(
+            model=model,
+            args=_args(tmp, fp16=True, max_grad_norm=1.0, max_steps=6),
+            train_dataset=VectorData(64, scale=100.0),
+        )
+        assert trainer.accelerator.scaler is not None, "fp16 on CUDA should bring a GradScaler"
+        trainer.accelerator.scaler = CountingScaler("cuda", init_scale=2.0**40, backoff_factor=2.0**-10)
+        rec = Recorder(model)
+        trainer.add_callback(rec)
+        trainer.train()
+        scale = trainer.accelerator.scaler.get_scale()
+    assert CountingScaler.calls == 6, CountingScaler.calls
+    assert scale < 2.0**40, "no overflow happened: the check did not exercise skipping"
+    skipped = [all(torch.equal(rec.start[s][n], rec.end[s][n]) for n in rec.start[s]) for s in range(6)]
+    assert skipped[0] and not all(skipped), skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bf16() -> None:
+    model = Net()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ZSAMTrainer(
+            model=model, args=_args(tmp, bf16=True, max_steps=5), train_dataset=VectorData(256)
+        )
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all(np.isfinite(h["sharpness"]) and h["perturbation_norm"] > 0 for h in logs), logs
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,113 @@
+"""A plain reference implementation of docs/algorithm.md, kept in the tests to check the fast one.
+
+NumPy, float64, one loop per tensor, numpy.quantile for the threshold: nothing shared
+with ``zsam_hf.perturbation``. Losses by hand (``torch.func``) for gradients computed
+outside the Trainer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-12
+
+
+def as_f64(t) -> np.ndarray:
+    return (
+        t.detach().to(torch.float64).cpu().numpy()
+        if isinstance(t, torch.Tensor)
+        else np.asarray(t, np.float64)
+    )
+
+
+def reference_mask(grad, quantile: float) -> np.ndarray:
+    g = as_f64(grad)
+    flat = g.ravel()
+    if flat.size < 2:
+        return np.zeros(g.shape, dtype=bool)
+    mu = flat.mean()
+    sigma = flat.std(ddof=1)
+    if not np.isfinite(sigma) or sigma == 0:
+        return np.zeros(g.shape, dtype=bool)
+    z = np.abs((flat - mu) / (sigma + EPS))
+    tau = np.quantile(z, quantile)  # linear interpolation (numpy's default method)
+    return (z > tau).reshape(g.shape)
+
+
+def _norm(arrays) -> float:
+    return float(np.sqrt(sum(float((a**2).sum()) for a in arrays)))
+
+
+def reference_offsets(
+    variant: str,
+    names: list[str],
+    params: list,
+    grads: list,
+    rho: float,
+    quantile: float = 0.95,
+    normalization: str = "global",
+    eta: float = 0.01,
+    ema: dict | None = None,
+    sigma: float = 1.0,
+    lam: float = 0.9,
+) -> list[np.ndarray]:
+    """e for each (param, grad) pair, exactly as docs/algorithm.md writes it."""
+    g = [as_f64(x) for x in grads]
+    w = [as_f64(x) for x in params]
+    g_norm = _norm(g)
+    if variant == "sam":
+        return [rho * gi / (g_norm + EPS) for gi in g]
+    if variant == "asam":
+        t = [np.abs(wi) + eta if "weight" in n else np.ones_like(wi) for n, wi in zip(names, w)]
+        tg_norm = _norm([ti * gi for ti, gi in zip(t, g)])
+        return [rho * ti**2 * gi / (tg_norm + EPS) for ti, gi in zip(t, g)]
+    if variant == "fsam":
+        assert ema is not None
+        directions = []
+        for n, gi in zip(names, g):
+            if n not in ema:
+                ema[n] = gi.copy()
+                directions.append(gi)
+            else:
+                directions.append(gi - sigma * ema[n])
+                ema[n] = lam * ema[n] + (1 - lam) * gi
+        d_norm = _norm(directions)
+        return [rho * d / (d_norm + EPS) for d in directions]
+    assert variant == "zsam"
+    filtered = []
+    for gi in g:
+        if gi.ndim > 1:
+            m = reference_mask(gi, quantile)
+            filtered.append(gi * m if m.any() else None)
+        else:
+            filtered.append(None)
+    if normalization == "tensor":
+        out = []
+        for gi, fi in zip(g, filtered):
+            if fi is not None and _norm([fi]) > 0:
+                out.append(rho * fi / (_norm([fi]) + EPS))
+            else:
+                out.append(rho * gi / (g_norm + EPS))
+        return out
+    members = [fi if fi is not None else gi for gi, fi in zip(g, filtered) if fi is not None or gi.ndim <= 1]
+    f_norm = _norm(members)
+    out = []
+    for gi, fi in zip(g, filtered):
+        if fi is not None:
+            out.append(rho * fi / (f_norm + EPS))
+        elif gi.ndim <= 1:
+            out.append(rho * gi / (f_norm + EPS))
+        else:  # a weight tensor whose mask is empty: SAM's e_p
+            out.append(rho * gi / (g_norm + EPS))
+    return out
+
+
+def loss_by_hand(model, params: dict, batch: dict, summed: bool, weight: float) -> torch.Tensor:
+    """Cross-entropy of ``model`` at ``params`` on ``batch``, summed or mean, times ``weight``."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = torch.func.functional_call(model, params, args=(), kwargs=inputs)
+    logits = out["logits"] if isinstance(out, dict) else out.logits
+    reduction = "sum" if summed else "mean"
+    return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction) * weight

@@ -1,0 +1,74 @@
+"""The z-score filter of ZSAM: which gradient entries survive, found by O(n) selection.
+
+``docs/algorithm.md`` keeps the entries of a weight tensor whose |z| = |g - mean g| / (std g + eps)
+is strictly above the Q_p quantile of |z| (linear interpolation between order statistics,
+the definition of ``torch.quantile``). z is a positive rescaling of g - mean g and the
+interpolated quantile commutes with positive rescaling, so everything here works on the
+deviation d = |g - mean g| and the standard deviation is never materialized.
+
+A full selection per tensor (``kthvalue``, ``torch.quantile``, a sort) costs more than the
+rest of the step's bookkeeping together, and ``torch.quantile`` refuses tensors of more than
+2^24 entries. So each device has its own path to the same exact answer:
+
+* ``cpu.py``: a sampled bound, one collecting pass over cache-sized chunks, a small selection;
+* ``accelerator.py``: sort-based thresholds with torch ops alone, two host synchronizations;
+* ``order_statistics.py``: the quantile's definition and the O(n) selections both share.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .accelerator import kept_with_few_syncs
+from .cpu import kept_on_cpu
+from .order_statistics import (
+    Kept,
+    adjacent_order_statistics,
+    gradient_mean,
+    interpolated_quantile,
+    quantile_ranks,
+)
+
+__all__ = [
+    "Kept",
+    "adjacent_order_statistics",
+    "gradient_mean",
+    "interpolated_quantile",
+    "kept_entries_many",
+    "kept_indices",
+    "quantile_ranks",
+    "zscore_mask",
+]
+
+
+def kept_entries_many(
+    grads: list[torch.Tensor], quantile: float, means: list[torch.Tensor] | None = None
+) -> list[Kept]:
+    """For each gradient tensor, the flat indices the z-score filter keeps and g there.
+
+    ``means`` (from ``gradient_mean``) saves a pass when the caller has them already.
+    CPU tensors take the sampled bound (least memory traffic); accelerator tensors the
+    sort-based path with two host synchronizations per call.
+    """
+    if not grads:
+        return []
+    grads = [g.detach() for g in grads]
+    means = [gradient_mean(g) for g in grads] if means is None else means
+    if grads[0].device.type != "cpu":
+        return kept_with_few_syncs(grads, quantile, means)
+    return kept_on_cpu(grads, quantile, means)
+
+
+def kept_indices(grad: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Flat indices of the entries of one gradient tensor that the z-score filter keeps."""
+    return kept_entries_many([grad], quantile)[0][0]
+
+
+def zscore_mask(grad: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The z-score filter (docs/algorithm.md) of one gradient tensor: True where |z| > Q_p-quantile of |z|.
+
+    Constant tensors and single entries give an empty mask, since the comparison is strict.
+    """
+    mask = torch.zeros(grad.numel(), dtype=torch.bool, device=grad.device)
+    mask[kept_indices(grad, quantile)] = True
+    return mask.view(grad.shape)
