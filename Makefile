@@ -1,7 +1,10 @@
-# Thin shortcuts; pyproject.toml holds the metadata, dependencies and tool settings.
+# Thin shortcuts; pyproject.toml holds the metadata, dependency ranges and tool settings.
 PYTHON ?= python3
+# The exact versions CI tests with; users installing zsam-hf get pyproject.toml's ranges instead.
+CONSTRAINTS ?= .ci/constraints.txt
+OLDEST_VENV ?= build/venv-oldest
 
-.PHONY: install system-data test demo benchmark-step lint
+.PHONY: install system-data test test-oldest demo benchmark-step lint
 
 # Fashion-MNIST for the offline demo comes from Debian's dataset-fashion-mnist package.
 system-data:
@@ -12,10 +15,16 @@ system-data:
 	else echo "note: run 'sudo apt-get install dataset-fashion-mnist' for the offline demo"; fi
 
 install: system-data
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 
 test: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest
+
+# The core alone (no extras) on the oldest supported versions, CPU torch 2.13 among them.
+test-oldest:
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q -c .ci/constraints-oldest.txt ".[test]"
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest tests/core
 
 demo: install
 	HF_HUB_OFFLINE=1 $(PYTHON) scripts/train_image_classification.py
@@ -24,4 +33,5 @@ benchmark-step: install
 	$(PYTHON) scripts/benchmark_step.py
 
 lint:
-	$(PYTHON) -m ruff check zsam_hf scripts tests
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m ruff check .

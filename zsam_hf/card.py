@@ -162,8 +162,9 @@ def _versions() -> str:
         ("PyTorch", torch.__version__),
         ("Accelerate", accelerate.__version__),
     ]
-    if "datasets" in sys.modules:  # never imported just for the card
-        versions.append(("Datasets", sys.modules["datasets"].__version__))
+    datasets = sys.modules.get("datasets")  # never imported just for the card
+    if datasets is not None:
+        versions.append(("Datasets", datasets.__version__))
     versions.append(("Python", platform.python_version()))
     return "\n".join(f"- {name} {version}" for name, version in versions)
 

@@ -321,7 +321,7 @@ class ZSAMTrainer(Trainer):
         if "adam" in optimizer:
             optimizer += f" (betas=({args.adam_beta1}, {args.adam_beta2}), eps={args.adam_epsilon})"
         rows = {
-            "architecture": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+            "architecture": _pretrained_name(model) or type(model).__name__,
             "optimizer": optimizer,
             "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay,

@@ -5,56 +5,21 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
-from reference import loss_by_hand, reference_offsets
+from reference import assert_close_dicts, sam_gradient_by_hand
 from toy import (
-    RecordingTrainer,
     StepRecorder,
     TinyClassifier,
     image_dataset,
     make_args,
+    micro_batches_of_step,
     tiny_vit,
+    train_recorded,
     vector_dataset,
 )
 
 from zsam_hf import ZSAMTrainer
-
-
-# ---- gradients by hand -------------------------------------------------------------------
-def sam_gradient_by_hand(
-    model, w0: dict, batch: dict, summed: bool, weight: float, variant: str, **ref_kwargs
-):
-    """grad L(w0 + e) with e built by the reference from this batch's own grad L(w0)."""
-    names = list(w0)
-    at_w = {n: w0[n].clone().requires_grad_() for n in names}
-    g = torch.autograd.grad(loss_by_hand(model, at_w, batch, summed, weight), list(at_w.values()))
-    rho = ref_kwargs.pop("rho", 0.5 if variant == "asam" else 0.05)
-    e = reference_offsets(variant, names, [w0[n] for n in names], g, rho, **ref_kwargs)
-    at_we = {n: (w0[n].double() + torch.from_numpy(ei)).float().requires_grad_() for n, ei in zip(names, e)}
-    g_prime = torch.autograd.grad(loss_by_hand(model, at_we, batch, summed, weight), list(at_we.values()))
-    return dict(zip(names, g_prime)), dict(zip(names, g))
-
-
-def assert_close_dicts(actual: dict, expected: dict, rtol=2e-4, atol=1e-6, what=""):
-    assert set(actual) == set(expected), what
-    for n in expected:
-        np.testing.assert_allclose(
-            actual[n].numpy(), expected[n].numpy(), rtol=rtol, atol=atol, err_msg=f"{what} {n}"
-        )
-
-
-def train_recorded(tmp_path, model, dataset, **arg_overrides):
-    trainer = RecordingTrainer(model=model, args=make_args(tmp_path, **arg_overrides), train_dataset=dataset)
-    recorder = StepRecorder(model)
-    trainer.add_callback(recorder)
-    trainer.train()
-    return trainer, recorder
-
-
-def micro_batches_of_step(trainer, step: int) -> list[tuple[dict, object]]:
-    return [(batch, n) for s, batch, n in trainer.micro_batches if s == step]
 
 
 # ---- criterion 3: the optimizer receives grad L(w + e); weights are w again --------------

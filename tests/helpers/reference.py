@@ -111,3 +111,25 @@ def loss_by_hand(model, params: dict, batch: dict, summed: bool, weight: float) 
     logits = out["logits"] if isinstance(out, dict) else out.logits
     reduction = "sum" if summed else "mean"
     return F.cross_entropy(logits.float(), batch["labels"], reduction=reduction) * weight
+
+
+def sam_gradient_by_hand(
+    model, w0: dict, batch: dict, summed: bool, weight: float, variant: str, **ref_kwargs
+):
+    """grad L(w0 + e) with e built by the reference from this batch's own grad L(w0)."""
+    names = list(w0)
+    at_w = {n: w0[n].clone().requires_grad_() for n in names}
+    g = torch.autograd.grad(loss_by_hand(model, at_w, batch, summed, weight), list(at_w.values()))
+    rho = ref_kwargs.pop("rho", 0.5 if variant == "asam" else 0.05)
+    e = reference_offsets(variant, names, [w0[n] for n in names], g, rho, **ref_kwargs)
+    at_we = {n: (w0[n].double() + torch.from_numpy(ei)).float().requires_grad_() for n, ei in zip(names, e)}
+    g_prime = torch.autograd.grad(loss_by_hand(model, at_we, batch, summed, weight), list(at_we.values()))
+    return dict(zip(names, g_prime)), dict(zip(names, g))
+
+
+def assert_close_dicts(actual: dict, expected: dict, rtol=2e-4, atol=1e-6, what=""):
+    assert set(actual) == set(expected), what
+    for n in expected:
+        np.testing.assert_allclose(
+            actual[n].numpy(), expected[n].numpy(), rtol=rtol, atol=atol, err_msg=f"{what} {n}"
+        )

@@ -147,3 +147,15 @@ class StepRecorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.end.append(self._weights())
+
+
+def train_recorded(tmp_path, model, dataset, **arg_overrides):
+    trainer = RecordingTrainer(model=model, args=make_args(tmp_path, **arg_overrides), train_dataset=dataset)
+    recorder = StepRecorder(model)
+    trainer.add_callback(recorder)
+    trainer.train()
+    return trainer, recorder
+
+
+def micro_batches_of_step(trainer, step: int) -> list[tuple[dict, object]]:
+    return [(batch, n) for s, batch, n in trainer.micro_batches if s == step]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,3 +65,41 @@ def test_timm_pretrained_name_falls_back_to_scratch_offline(caplog, monkeypatch)
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(ValueError, match="model_name_or_path='nope_not_a_model'"):
         build_model("nope_not_a_model", LABELS, PREP)
+
+
+RELOAD = """
+import sys, torch
+from PIL import Image
+if sys.argv[2] == "import":
+    import zsam_hf.vision  # registers the built-in CNNs with the Auto classes
+from transformers import AutoModelForImageClassification, pipeline
+kwargs = {"trust_remote_code": True} if sys.argv[2] == "remote_code" else {}
+model = AutoModelForImageClassification.from_pretrained(sys.argv[1], **kwargs).eval()
+x = torch.load(sys.argv[1] + "/probe.pt")
+with torch.no_grad():
+    assert torch.allclose(model(pixel_values=x["pixels"]).logits, x["logits"], atol=1e-6)
+classify = pipeline("image-classification", model=sys.argv[1], **kwargs)
+[best, *_] = classify(Image.new("RGB", (32, 32), (200, 30, 30)))
+assert best["label"] in ("a", "b", "c", "d"), best
+print("zsam_hf" in sys.modules, type(model).__module__, best["label"])
+"""
+
+
+@pytest.mark.parametrize("how", ["import", "remote_code"])
+def test_saved_cnn_reloads_in_a_fresh_process_and_classifies_through_a_pipeline(tmp_path, how):
+    built = build_model("cifar_resnet20", LABELS, PREP)
+    model = built.model.eval()
+    model.save_pretrained(tmp_path)
+    built.image_processor.save_pretrained(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.save({"pixels": pixels, "logits": model(pixel_values=pixels).logits}, tmp_path / "probe.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(tmp_path), how], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported_us, module, _ = result.stdout.split()
+    assert imported_us == str(
+        how == "import"
+    )  # remote code runs the file saved next to the weights, not ours
+    assert module.startswith("zsam_hf.vision" if how == "import" else "transformers_modules")
