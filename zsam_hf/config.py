@@ -33,8 +33,9 @@ class ZSAMTrainingArguments(TrainingArguments):
             (0.05 for zsam/sam/fsam, 0.5 for asam).
         sam_interval: the two-pass step runs on optimizer steps whose index is a multiple of
             this (default 1: every step); the others are the plain Trainer step.
-        sam_sync_ascent: all-reduce the ascent gradient across replicas (default: each
-            replica perturbs with its own gradient, as in the SAM paper).
+        sam_sync_ascent: all-reduce the ascent gradient across replicas. Unset (None): each DDP
+            replica perturbs with its own gradient, as in the SAM paper; under FSDP2 the ascent
+            gradient is the averaged one (the only possibility), and False is refused.
     ZSAM:
         zsam_quantile: Q_p; entries with |z| above this quantile are kept (0.95 keeps 5%).
         zsam_normalization: "global" (the paper: ||e|| = rho) or "tensor" (released code).
@@ -75,11 +76,12 @@ class ZSAMTrainingArguments(TrainingArguments):
             "this (1 = every step); the other steps are the plain Trainer step."
         },
     )
-    sam_sync_ascent: bool = field(
-        default=False,
+    sam_sync_ascent: bool | None = field(
+        default=None,
         metadata={
-            "help": "All-reduce the ascent gradient across DDP replicas before building e "
-            "(default: per-replica ascent, the SAM paper's m-sharpness)."
+            "help": "All-reduce the ascent gradient across replicas before building e. Default (unset): "
+            "per-replica ascent under DDP (the SAM paper's m-sharpness); under FSDP2 the ascent gradient "
+            "is always the averaged one (every rank gathers the same weights), so False is refused there."
         },
     )
 
@@ -116,8 +118,8 @@ class ZSAMTrainingArguments(TrainingArguments):
             or self.sam_interval < 1
         ):
             raise _invalid("sam_interval", self.sam_interval, "expected a whole number >= 1 (1 = every step)")
-        if not isinstance(self.sam_sync_ascent, bool):
-            raise _invalid("sam_sync_ascent", self.sam_sync_ascent, "expected True or False")
+        if self.sam_sync_ascent is not None and not isinstance(self.sam_sync_ascent, bool):
+            raise _invalid("sam_sync_ascent", self.sam_sync_ascent, "expected True, False or None (unset)")
 
     def __getstate__(self) -> dict:
         """Pickles (``training_args.bin``, saved with every checkpoint and uploaded with it)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .selection import gradient_mean, kept_entries_many
+from .selection import gradient_mean, kept_entries_many, kept_entries_sharded
+from .sharding import Shards
 
 EPS = 1e-12
 VARIANTS = ("zsam", "sam", "asam", "fsam", "none")
@@ -47,7 +48,10 @@ class PerturbationStats:
     kept_fraction: float | None = None
 
 
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _global_norm(tensors: list[torch.Tensor], shards: Shards | None = None) -> torch.Tensor:
+    """||.||_G over all tensors; over the full tensors when they are sliced across ranks."""
+    if shards is not None:
+        return shards.squared_norms(tensors).sum().sqrt()
     if not tensors:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
@@ -60,15 +64,22 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack(torch._foreach_norm([t.reshape(-1) for t in tensors]))).all())
 
 
-def sam_offsets(grads: list[torch.Tensor], rho: float, grad_norm: torch.Tensor | None = None) -> list[Offset]:
+def sam_offsets(
+    grads: list[torch.Tensor], rho: float, grad_norm: torch.Tensor | None = None, shards: Shards | None = None
+) -> list[Offset]:
     """Foret et al. (2021): e_p = rho g_p / (||g||_G + eps).  Scales ``grads`` in place."""
-    grad_norm = _global_norm(grads) if grad_norm is None else grad_norm
+    grad_norm = _global_norm(grads, shards) if grad_norm is None else grad_norm
     torch._foreach_mul_(grads, rho / (grad_norm + EPS))
     return grads
 
 
 def asam_offsets(
-    names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, eta: float
+    names: list[str],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    rho: float,
+    eta: float,
+    shards: Shards | None = None,
 ) -> list[Offset]:
     """Kwon et al. (2021), as the released code runs it.
 
@@ -77,7 +88,7 @@ def asam_offsets(
     """
     scales = [p.detach().abs() + eta if "weight" in name else None for name, p in zip(names, params)]  # T
     scaled = [g if t is None else g * t for g, t in zip(grads, scales)]  # T g
-    factor = rho / (_global_norm(scaled) + EPS)
+    factor = rho / (_global_norm(scaled, shards) + EPS)
     offsets = []
     for t, tg in zip(scales, scaled):
         offsets.append(tg * factor if t is None else tg.mul_(t).mul_(factor))
@@ -85,7 +96,12 @@ def asam_offsets(
 
 
 def fsam_offsets(
-    grads: list[torch.Tensor], ema: list[torch.Tensor | None], rho: float, sigma: float, lam: float
+    grads: list[torch.Tensor],
+    ema: list[torch.Tensor | None],
+    rho: float,
+    sigma: float,
+    lam: float,
+    shards: Shards | None = None,
 ) -> list[Offset]:
     """Friendly SAM (Li et al. 2024): remove the EMA of past ascent gradients from g.
 
@@ -100,7 +116,7 @@ def fsam_offsets(
         else:
             directions.append(g - sigma * ema[i])
             ema[i].mul_(lam).add_(g, alpha=1 - lam)
-    return sam_offsets(directions, rho)
+    return sam_offsets(directions, rho, shards=shards)
 
 
 def zsam_offsets(
@@ -109,6 +125,8 @@ def zsam_offsets(
     quantile: float,
     normalization: str,
     means: list[torch.Tensor] | None = None,
+    shards: Shards | None = None,
+    numels: list[int] | None = None,
 ) -> tuple[list[Offset], float]:
     """ZSharp (Yun 2025): SAM's step on the z-score filtered gradient.
 
@@ -118,29 +136,35 @@ def zsam_offsets(
     ``tensor`` (the released code) scales each weight tensor to norm rho on its own.
     A weight tensor whose mask is empty falls back to SAM's e_p = rho g_p / (||g||_G + eps).
     ``means`` are the weight gradients' means (``gradient_mean``), when already known.
+    With ``shards`` the gradients are this rank's slices of tensors of ``numels`` entries
+    (FSDP2): every statistic is the full tensors', the offsets this rank's slices.
 
     Returns the offsets and the fraction of weight-tensor entries kept.
     """
-    kept_entries = total_entries = 0
-    filtered: list[SparseOffset | None] = []
-    kept = iter(kept_entries_many([g for g in grads if g.ndim > 1], quantile, means))
-    for g in grads:
-        if g.ndim <= 1:
-            filtered.append(None)
-            continue
-        indices, values = next(kept)
-        kept_entries += indices.numel()
-        total_entries += g.numel()
-        filtered.append(SparseOffset(indices, values) if indices.numel() else None)
-    kept_fraction = kept_entries / total_entries if total_entries else 0.0
+    weights = [i for i, g in enumerate(grads) if g.ndim > 1]
+    if shards is None:
+        kept = kept_entries_many([grads[i] for i in weights], quantile, means)
+        counts = [indices.numel() for indices, _ in kept]
+        sizes = [grads[i].numel() for i in weights]
+    else:
+        sizes = [numels[i] for i in weights]
+        kept = kept_entries_sharded([grads[i] for i in weights], sizes, quantile, means, shards.group)
+        counts = shards.sum(torch.tensor([indices.numel() for indices, _ in kept], dtype=torch.long)).tolist()
+    filtered: list[SparseOffset | None] = [None] * len(grads)
+    for i, (indices, values), count in zip(weights, kept, counts):
+        filtered[i] = SparseOffset(indices, values) if count else None  # nothing kept in the full tensor
+    kept_fraction = sum(counts) / sum(sizes) if sizes else 0.0
 
     if normalization == "tensor":
         present = [f for f in filtered if f is not None]
-        norms = torch.stack(torch._foreach_norm([f.values for f in present])) if present else None
+        if shards is not None:
+            norms = shards.squared_norms([f.values for f in present]).sqrt() if present else None
+        else:
+            norms = torch.stack(torch._foreach_norm([f.values for f in present])) if present else None
         positive = iter(norms.gt(0).tolist() if present else [])  # one host sync for all tensors
         norm_of = iter(norms.unbind() if present else [])
         scaled = [(next(norm_of), next(positive)) if f is not None else (None, False) for f in filtered]
-        sam_scale = _sam_scale_if(not all(ok for _, ok in scaled), grads, rho)
+        sam_scale = _sam_scale_if(not all(ok for _, ok in scaled), grads, rho, shards)
         offsets = []
         for g, f, (norm, is_positive) in zip(grads, filtered, scaled):
             if is_positive:
@@ -151,11 +175,11 @@ def zsam_offsets(
         return offsets, kept_fraction
 
     # global: ||g~||_G over filtered weight tensors and unfiltered ndim <= 1 tensors.
-    sam_scale = _sam_scale_if(any(f is None for g, f in zip(grads, filtered) if g.ndim > 1), grads, rho)
+    sam_scale = _sam_scale_if(any(filtered[i] is None for i in weights), grads, rho, shards)
     members = [
         f.values if f is not None else g for g, f in zip(grads, filtered) if f is not None or g.ndim <= 1
     ]
-    scale = rho / (_global_norm(members) + EPS)
+    scale = rho / (_global_norm(members, shards) + EPS)
     offsets = []
     for g, f in zip(grads, filtered):
         if f is not None:
@@ -166,14 +190,20 @@ def zsam_offsets(
     return offsets, kept_fraction
 
 
-def _sam_scale_if(needed: bool, grads: list[torch.Tensor], rho: float) -> torch.Tensor | None:
-    """SAM's rho / ||g||_G, computed only when some tensor falls back to it (a full pass over g)."""
-    return rho / (_global_norm(grads) + EPS) if needed else None
+def _sam_scale_if(
+    needed: bool, grads: list[torch.Tensor], rho: float, shards: Shards | None = None
+) -> torch.Tensor | None:
+    """SAM's rho / ||g||_G, computed only when some tensor falls back to it (a full pass over g).
+
+    ``needed`` is the same on every rank (it comes from full-tensor statistics), so the
+    all-reduce inside happens on all of them or none.
+    """
+    return rho / (_global_norm(grads, shards) + EPS) if needed else None
 
 
-def offsets_norm(offsets: list[Offset]) -> torch.Tensor:
+def offsets_norm(offsets: list[Offset], shards: Shards | None = None) -> torch.Tensor:
     """||e||_G of a list of dense or sparse offsets."""
-    return _global_norm([o.values if isinstance(o, SparseOffset) else o for o in offsets])
+    return _global_norm([o.values if isinstance(o, SparseOffset) else o for o in offsets], shards)
 
 
 # --------------------------------------------------------------------------------------
@@ -257,42 +287,63 @@ class SharpnessPerturbation:
     _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def offsets(
-        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor]
+        self,
+        names: list[str],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        shards: Shards | None = None,
+        numels: list[int] | None = None,
     ) -> tuple[list[Offset], float | None] | None:
         """e for each parameter (aligned with ``params``) and the zsam kept fraction.
 
         None when the ascent gradient is not finite (an fp16 overflow).  The check
         reuses a number each variant computes anyway: ||g||_G, or for zsam the means.
+        With ``shards``, the tensors are this rank's slices of full tensors of ``numels`` entries.
         """
         if self.variant == "zsam":
-            means = [gradient_mean(g) for g in grads if g.ndim > 1]
-            if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)]):
+            if shards is None:
+                means = [gradient_mean(g) for g in grads if g.ndim > 1]
+                finite = _all_finite([*means, *(g for g in grads if g.ndim <= 1)])
+            else:
+                weights = [(g, n) for g, n in zip(grads, numels) if g.ndim > 1]
+                means = shards.means([g for g, _ in weights], [n for _, n in weights])
+                finite = shards.all_finite(
+                    [*(m.reshape(1) for m in means), *(g for g in grads if g.ndim <= 1)]
+                )
+            if not finite:
                 return None
-            return zsam_offsets(grads, self.rho, self.quantile, self.normalization, means)
+            return zsam_offsets(grads, self.rho, self.quantile, self.normalization, means, shards, numels)
         if self.variant not in VARIANTS[:-1]:
             raise ValueError(
                 f"sam_variant={self.variant!r} has no perturbation; expected one of {VARIANTS[:-1]}"
             )
-        grad_norm = _global_norm(grads)
+        grad_norm = _global_norm(grads, shards)
         if not bool(torch.isfinite(grad_norm)):
             return None
         if self.variant == "sam":
             return sam_offsets(grads, self.rho, grad_norm), None
         if self.variant == "asam":
-            return asam_offsets(names, params, grads, self.rho, self.asam_eta), None
+            return asam_offsets(names, params, grads, self.rho, self.asam_eta, shards), None
         ema = [self.ema.get(n) for n in names]
-        offsets = fsam_offsets(grads, ema, self.rho, self.fsam_sigma, self.fsam_lambda)
+        offsets = fsam_offsets(grads, ema, self.rho, self.fsam_sigma, self.fsam_lambda, shards)
         self.ema.update(zip(names, ema))
         return offsets, None
 
     def perturb(
-        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor | None]
+        self,
+        names: list[str],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor | None],
+        shards: Shards | None = None,
+        numels: list[int] | None = None,
     ) -> tuple[AppliedPerturbation, PerturbationStats | None]:
         """Climb to w + e (docs/algorithm.md, step 2) in place; returns how to get back and step stats.
 
         Parameters whose ascent gradient is None are left alone.  A non-finite ascent
         gradient (an fp16 overflow) means no perturbation this step, so the GradScaler
-        can skip the step as usual and no NaN ever reaches the weights.
+        can skip the step as usual and no NaN ever reaches the weights. With ``shards``
+        (FSDP2), ``params`` and ``grads`` are this rank's slices of full tensors of ``numels``
+        entries: e is the single-process e of the full tensors, applied slice by slice.
         """
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
@@ -300,11 +351,12 @@ class SharpnessPerturbation:
         names = [names[i] for i in present]
         params = [params[i] for i in present]
         grads = [grads[i] for i in present]
-        result = self.offsets(names, params, grads)
+        numels = [numels[i] for i in present] if numels is not None else None
+        result = self.offsets(names, params, grads, shards, numels)
         if result is None:
             return AppliedPerturbation(), None
         offsets, kept_fraction = result
-        stats = PerturbationStats(norm=offsets_norm(offsets), kept_fraction=kept_fraction)
+        stats = PerturbationStats(norm=offsets_norm(offsets, shards), kept_fraction=kept_fraction)
         backups = [
             None if isinstance(o, SparseOffset) else self._backup_buffer(n, p)
             for n, p, o in zip(names, params, offsets)

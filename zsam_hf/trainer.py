@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.nn.modules.batchnorm import _NormBase
 from transformers import Trainer
 
@@ -31,6 +32,7 @@ from .card import CardContext, build_model_card, task_of
 from .checkpoints import check_adapter_checkpoint, is_peft_model, load_checkpoint_weights
 from .config import ZSAMTrainingArguments
 from .perturbation import PerturbationStats, SharpnessPerturbation
+from .sharding import Shards
 
 SAM_STATE_FILE = "sam_state_rank{rank}.pt"
 logger = logging.getLogger(__name__)
@@ -96,10 +98,15 @@ class ZSAMTrainer(Trainer):
                 f"args must be a ZSAMTrainingArguments, got {type(args).__name__}: "
                 "swap TrainingArguments for zsam_hf.ZSAMTrainingArguments."
             )
-        _refuse_unsupported_backends(args.sam_variant, deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp))
+        fsdp_version = int((args.fsdp_config or {}).get("version", 2)) if args.fsdp else None
+        _check_backend(args, deepspeed=bool(args.deepspeed), fsdp_version=fsdp_version)
         super().__init__(model, args, *more, **kwargs)
-        _refuse_unsupported_backends(
-            args.sam_variant, deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled
+        if self.is_fsdp_enabled:
+            fsdp_version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        _check_backend(
+            args,
+            deepspeed=self.is_deepspeed_enabled,
+            fsdp_version=fsdp_version if self.is_fsdp_enabled else None,
         )
         self.perturbation = SharpnessPerturbation(
             variant=args.sam_variant,
@@ -125,13 +132,23 @@ class ZSAMTrainer(Trainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         names, params = self._trainable_parameters(model)
+        sharded = self.is_fsdp_enabled
+        if sharded:  # both passes reduce-scatter, also inside the Trainer's accumulation no_sync
+            model.set_requires_gradient_sync(True)
 
         # 1. ascent pass at w, RNG replayed afterwards so both passes see the same dropout
-        with self.accelerator.no_sync(model), torch.random.fork_rng(devices=_rng_devices(model)):
+        no_sync = contextlib.nullcontext() if sharded else self.accelerator.no_sync(model)
+        with no_sync, torch.random.fork_rng(devices=_rng_devices(model)):
             loss = self._loss_for_backward(model, inputs, num_items_in_batch)
             grads = self._ascent_gradients(loss, params)
-        # 2. climb to w + e
-        applied, stats = self.perturbation.perturb(names, params, grads)
+        # 2. climb to w + e (under FSDP2: each rank its slice, from full-tensor statistics)
+        if sharded:
+            numels = [p.numel() for p in params]
+            applied, stats = self.perturbation.perturb(
+                names, [_local(p) for p in params], grads, Shards(), numels
+            )
+        else:
+            applied, stats = self.perturbation.perturb(names, params, grads)
         del grads
         # 3. descent pass at w + e (the Trainer's backward), 4. back to w exactly
         try:
@@ -192,12 +209,13 @@ class ZSAMTrainer(Trainer):
         scaler = self.accelerator.scaler
         scaling = scaler is not None and scaler.is_enabled()
         target = scaler.scale(loss) if scaling else loss
-        grads = _gradients_through_backward(target, params)
+        grads = [_local(g) for g in _gradients_through_backward(target, params)]
         present = [g for g in grads if g is not None]
         if scaling and present:  # scale() has initialized the scale tensor by now
             torch._foreach_mul_(present, scaler._get_scale_async().double().reciprocal().float())
         if (
             self.args.sam_sync_ascent
+            and not self.is_fsdp_enabled  # FSDP2's reduce-scatter averaged it already
             and dist.is_available()
             and dist.is_initialized()
             and dist.get_world_size() > 1
@@ -266,7 +284,10 @@ class ZSAMTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        for rank in (self.args.process_index, 0):  # fewer state files than ranks: share rank 0's
+        # Fewer state files than ranks under DDP: share rank 0's (replicas hold the same average).
+        # Under FSDP2 each rank's average is its own slice: only its own file will do.
+        ranks = (self.args.process_index,) if self.is_fsdp_enabled else (self.args.process_index, 0)
+        for rank in ranks:
             path = os.path.join(checkpoint, SAM_STATE_FILE.format(rank=rank))
             if os.path.isfile(path):
                 self.perturbation.load_state_dict(
@@ -382,16 +403,30 @@ def _pretrained_name(model) -> str | None:
     return getattr(config, "_name_or_path", None) or None
 
 
-def _refuse_unsupported_backends(variant: str, deepspeed: bool, fsdp: bool) -> None:
-    if variant == "none":
+def _check_backend(args: ZSAMTrainingArguments, deepspeed: bool, fsdp_version: int | None) -> None:
+    """Refuse, with what to use instead, the engines the two-pass step cannot run on."""
+    if args.sam_variant == "none":
         return
-    for name, enabled in (("DeepSpeed", deepspeed), ("FSDP", fsdp)):
-        if enabled:
-            raise ValueError(
-                f"ZSAMTrainer does not support {name} yet (sam_variant={variant!r}): the two-pass step "
-                "needs the full, unsharded gradient of each replica. Use DDP (accelerate launch --multi_gpu "
-                "or torchrun), or sam_variant='none' for the plain Trainer."
-            )
+    if deepspeed:
+        raise ValueError(
+            f"ZSAMTrainer does not support DeepSpeed (sam_variant={args.sam_variant!r}). To shard a model that "
+            "does not fit one GPU, use FSDP2: TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2}) or "
+            "an accelerate FSDP2 config; otherwise DDP (accelerate launch --multi_gpu, torchrun), or "
+            "sam_variant='none' for the plain Trainer."
+        )
+    if fsdp_version is None:
+        return
+    if fsdp_version != 2:
+        raise ValueError(
+            f"ZSAMTrainer supports FSDP version 2 only, got fsdp_version={fsdp_version}: set "
+            "fsdp_config={'fsdp_version': 2} (transformers' default), or use DDP."
+        )
+    if args.sam_sync_ascent is False:
+        raise ValueError(
+            "sam_sync_ascent=False cannot hold under FSDP: every rank all-gathers the same weights, so the "
+            "ascent gradient is necessarily the one averaged over ranks (sam_sync_ascent=True). Leave "
+            "sam_sync_ascent unset (None), or set it to True."
+        )
 
 
 def _gradients_through_backward(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -410,6 +445,11 @@ def _gradients_through_backward(loss: torch.Tensor, params: list[torch.Tensor]) 
         for p, grad in zip(params, stashed):
             p.grad = grad
     return grads
+
+
+def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's slice of a sharded (DTensor) parameter or gradient, in place; others as they are."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _rng_devices(model: torch.nn.Module) -> list[int]:

@@ -24,7 +24,7 @@ def test_defaults_follow_the_paper(tmp_path):
         "zsam",
         0.95,
         "global",
-        False,
+        None,  # per replica under DDP; the averaged gradient under FSDP2
     )
     assert (args.asam_eta, args.fsam_sigma, args.fsam_lambda) == (0.01, 1.0, 0.9)
 
@@ -42,7 +42,7 @@ def test_defaults_follow_the_paper(tmp_path):
         ("asam_eta", -0.5, ">= 0"),
         ("fsam_sigma", float("inf"), ">= 0"),
         ("fsam_lambda", 1.0, "[0, 1)"),
-        ("sam_sync_ascent", "yes", "True or False"),
+        ("sam_sync_ascent", "yes", "True, False or None"),
         ("sam_interval", 0, "whole number >= 1"),
         ("sam_interval", -3, "whole number >= 1"),
         ("sam_interval", 2.5, "whole number >= 1"),
@@ -101,7 +101,7 @@ def test_sam_hyperparameters_lists_what_the_variant_uses(tmp_path):
         "sam_variant": "zsam",
         "sam_rho": 0.05,
         "sam_interval": 1,
-        "sam_sync_ascent": False,
+        "sam_sync_ascent": None,
         "zsam_quantile": 0.95,
         "zsam_normalization": "global",
     }

@@ -187,11 +187,22 @@ def test_step_where_no_parameter_has_a_gradient_does_not_crash(tmp_path):
 
 
 # ---- criterion 11: unsupported backends -----------------------------------------------------
-@pytest.mark.parametrize("backend,value", [("deepspeed", {"train_batch_size": 4}), ("fsdp", "full_shard")])
-def test_deepspeed_and_fsdp_are_refused(tmp_path, backend, value):
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"deepspeed": {"train_batch_size": 4}}, "does not support DeepSpeed.*use FSDP2"),
+        ({"fsdp": True, "fsdp_config": {"version": 1}}, "FSDP version 2 only, got fsdp_version=1"),
+        (
+            {"fsdp": True, "fsdp_config": {"version": 2}, "sam_sync_ascent": False},
+            "sam_sync_ascent=False cannot hold",
+        ),
+    ],
+)
+def test_unsupported_engines_are_refused_with_what_to_use(tmp_path, settings, message):
     args = make_args(tmp_path)
-    setattr(args, backend, value)
-    with pytest.raises(ValueError, match="does not support (DeepSpeed|FSDP) yet"):
+    for name, value in settings.items():
+        setattr(args, name, value)
+    with pytest.raises(ValueError, match=message):
         ZSAMTrainer(model=TinyClassifier(), args=args, train_dataset=vector_dataset(8))
 
 

@@ -12,7 +12,8 @@ rest of the step's bookkeeping together, and ``torch.quantile`` refuses tensors 
 
 * ``cpu.py``: a sampled bound, one collecting pass over cache-sized chunks, a small selection;
 * ``accelerator.py``: sort-based thresholds with torch ops alone, two host synchronizations;
-* ``order_statistics.py``: the quantile's definition and the O(n) selections both share.
+* ``sharded.py``: tensors sliced across ranks (FSDP2), exact without gathering whole tensors;
+* ``order_statistics.py``: the quantile's definition and the O(n) selections they share.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from .cpu import kept_on_cpu
 from .order_statistics import (
     Kept,
     adjacent_order_statistics,
+    as_float,
     gradient_mean,
     interpolated_quantile,
     quantile_ranks,
 )
+from .sharded import sharded_thresholds
 
 __all__ = [
     "Kept",
@@ -35,6 +38,7 @@ __all__ = [
     "gradient_mean",
     "interpolated_quantile",
     "kept_entries_many",
+    "kept_entries_sharded",
     "kept_indices",
     "quantile_ranks",
     "zscore_mask",
@@ -57,6 +61,28 @@ def kept_entries_many(
     if grads[0].device.type != "cpu":
         return kept_with_few_syncs(grads, quantile, means)
     return kept_on_cpu(grads, quantile, means)
+
+
+def kept_entries_sharded(
+    grads: list[torch.Tensor], numels: list[int], quantile: float, means: list[torch.Tensor], group=None
+) -> list[Kept]:
+    """``kept_entries_many`` for tensors sliced across ranks (FSDP2): this rank's kept entries.
+
+    ``grads`` are this rank's slices of full tensors of ``numels`` entries, ``means`` the full
+    tensors' means; the threshold of each full tensor comes from ``sharded.sharded_thresholds``
+    (collective: every rank calls this with the same tensors). Indices are into the local slice.
+    """
+    flats = [as_float(g.detach()) for g in grads]
+    deviations = [(flat - mean).abs_() for flat, mean in zip(flats, means)]
+    thresholds = sharded_thresholds(deviations, numels, quantile, group)
+    kept = []
+    for g, deviation, threshold in zip(grads, deviations, thresholds):
+        if threshold is None:
+            indices = torch.empty(0, dtype=torch.long, device=g.device)
+        else:
+            indices = torch.nonzero(deviation > threshold).squeeze(1)
+        kept.append((indices, g.detach().reshape(-1).index_select(0, indices)))
+    return kept
 
 
 def kept_indices(grad: torch.Tensor, quantile: float) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""Sums over the slices of tensors sharded across ranks (FSDP2), for the perturbation's reductions.
+
+Every reduction the perturbation needs (a norm over all tensors, each tensor's mean, each tensor's
+norm, a finiteness check, kept counts) is a sum of per-rank partial sums: one all-reduce of a few
+numbers each. On one process (``shards=None`` everywhere) the same code takes the whole tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Shards:
+    """The ranks a step's tensors are sliced across (their process group; None: the default one)."""
+
+    group: object = None
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (in place); one all-reduce."""
+        dist.all_reduce(values, group=self.group)
+        return values
+
+    def squared_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """||t||^2 of each full tensor, from the local slices (float32 at least)."""
+        if not tensors:
+            return torch.zeros(0)
+        local = torch.stack(torch._foreach_norm(tensors)).float() ** 2
+        return self.sum(local)
+
+    def means(self, tensors: list[torch.Tensor], numels: list[int]) -> list[torch.Tensor]:
+        """mean of each full tensor of ``numels`` entries (float32 at least), from the local slices' sums."""
+        if not tensors:
+            return []
+        sums = torch.stack(
+            [t.float().sum() if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
+        )
+        sums = self.sum(sums)
+        return [s / n for s, n in zip(sums.unbind(), numels)]
+
+    def all_finite(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether every entry of every full tensor is finite (one all-reduce, one host sync)."""
+        if not tensors:
+            return True
+        return bool(
+            torch.isfinite(
+                self.sum(torch.stack(torch._foreach_norm([t.reshape(-1) for t in tensors])).float())
+            ).all()
+        )
