@@ -63,3 +63,52 @@ def _ranks(n: int, q: float) -> list[int]:
 
 def _frac(n: int, q: float) -> float:
     return q * (n - 1) - int(q * (n - 1))
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2 ranks", "3 ranks"])
+def fsdp_records(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"fsdp{request.param}")
+    torchrun("fsdp_worker.py", request.param, str(out))
+    return torch.load(out / "records.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("run", ["zsam-global", "zsam-tensor", "sam", "asam", "fsam"])
+def test_fsdp2_step_equals_ddp_with_synchronized_ascent_and_the_reference(fsdp_records, run):
+    from fsdp_worker import RUNS, STEPS, ShardedNet
+    from reference import clipped, synced_sam_gradient
+
+    fsdp, ddp = fsdp_records["records"][("fsdp", run)], fsdp_records["records"][("ddp", run)]
+    world = fsdp_records["world"]
+    largest = max(t.abs().max() for t in ddp["final"].values())
+    for name, weight in ddp["final"].items():  # the same weights at the end, to rounding
+        assert (fsdp["final"][name] - weight).abs().max() <= 1e-5 * largest, name
+    assert any(not torch.equal(fsdp["final"][n], fsdp["start"][0][n]) for n in fsdp["final"])  # it trained
+    settings = RUNS[run]
+    ema: dict = {}
+    for step in range(STEPS):  # the gradient handed to the optimizer, against an independent computation
+        micro = [[b for s, b, _ in fsdp["batches"][r] if s == step] for r in range(world)]
+        by_micro_batch = [list(per_rank) for per_rank in zip(*micro)]
+        assert len(by_micro_batch) == 2
+        expected = synced_sam_gradient(
+            ShardedNet(), fsdp["start"][step], by_micro_batch, settings["sam_variant"], 0.5,
+            normalization=settings.get("zsam_normalization", "global"), ema=ema,
+        )  # fmt: skip
+        expected = clipped(expected, 0.5)
+        for name in expected:
+            torch.testing.assert_close(
+                fsdp["grads"][step][name], expected[name], rtol=2e-4, atol=1e-6, msg=name
+            )
+
+
+@pytest.mark.parametrize("run", ["zsam-global", "fsam"])
+def test_resume_from_an_fsdp2_checkpoint_ends_at_the_uninterrupted_weights(fsdp_records, run):
+    straight = fsdp_records["records"][("straight", run)]["final"]
+    resumed = fsdp_records["records"][("resumed", run)]["final"]
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_fsdp2_logs_carry_the_sharpness_metrics(fsdp_records):
+    logs = [h for h in fsdp_records["records"][("fsdp", "zsam-global")]["logs"] if "loss" in h]
+    assert logs and all(h["perturbation_norm"] == pytest.approx(0.05, rel=1e-4) for h in logs)
+    assert all(0 < h["zsam_kept_fraction"] < 0.2 and h["sam_steps_fraction"] == 1 for h in logs)

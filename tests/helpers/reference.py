@@ -133,3 +133,40 @@ def assert_close_dicts(actual: dict, expected: dict, rtol=2e-4, atol=1e-6, what=
         np.testing.assert_allclose(
             actual[n].numpy(), expected[n].numpy(), rtol=rtol, atol=atol, err_msg=f"{what} {n}"
         )
+
+
+def synced_sam_gradient(
+    model, w0: dict, micro_batches: list[list[dict]], variant: str, weight: float, **ref_kwargs
+):
+    """The accumulated gradient of one optimizer step with a synchronized ascent, by hand.
+
+    ``micro_batches[k][r]`` is rank r's k-th micro-batch. Each micro-batch k takes e from the
+    ascent gradient averaged over ranks; the step's gradient is the sum over micro-batches of the
+    rank-averaged grad L(w0 + e_k), each loss times ``weight`` (the Trainer's 1 / accumulation).
+    ``ref_kwargs`` go to ``reference_offsets`` (its ``ema`` dict is updated in place).
+    """
+    names = list(w0)
+
+    def grads_at(params: dict, batch: dict) -> list[torch.Tensor]:
+        leaves = {n: t.clone().requires_grad_() for n, t in params.items()}
+        return list(
+            torch.autograd.grad(loss_by_hand(model, leaves, batch, False, weight), list(leaves.values()))
+        )
+
+    rho = ref_kwargs.pop("rho", 0.5 if variant == "asam" else 0.05)
+    total = [torch.zeros_like(w0[n]) for n in names]
+    for per_rank in micro_batches:
+        ascent = [grads_at(w0, batch) for batch in per_rank]
+        mean = [sum(gs) / len(gs) for gs in zip(*ascent)]
+        e = reference_offsets(variant, names, [w0[n] for n in names], mean, rho, **ref_kwargs)
+        moved = {n: (w0[n].double() + torch.from_numpy(ei)).float() for n, ei in zip(names, e)}
+        for batch in per_rank:
+            total = [t + g / len(per_rank) for t, g in zip(total, grads_at(moved, batch))]
+    return dict(zip(names, total))
+
+
+def clipped(grads: dict, max_norm: float) -> dict:
+    """torch.nn.utils.clip_grad_norm_'s result, by hand."""
+    norm = torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads.values()]))
+    factor = min(1.0, max_norm / (float(norm) + 1e-6))
+    return {n: g * factor for n, g in grads.items()}
