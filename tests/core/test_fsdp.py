@@ -112,3 +112,19 @@ def test_fsdp2_logs_carry_the_sharpness_metrics(fsdp_records):
     logs = [h for h in fsdp_records["records"][("fsdp", "zsam-global")]["logs"] if "loss" in h]
     assert logs and all(h["perturbation_norm"] == pytest.approx(0.05, rel=1e-4) for h in logs)
     assert all(0 < h["zsam_kept_fraction"] < 0.2 and h["sam_steps_fraction"] == 1 for h in logs)
+
+
+def test_fsdp2_bf16_mixed_precision_trains_like_fp32_to_bf16_precision(fsdp_records):
+    bf16, fp32 = (
+        fsdp_records["records"][("bf16", "zsam-global")],
+        fsdp_records["records"][("fsdp", "zsam-global")],
+    )
+    largest = max(t.abs().max() for t in fp32["final"].values())
+    differences = [(bf16["final"][n] - w).abs().max() for n, w in fp32["final"].items()]
+    assert max(differences) > 0  # the passes really ran in bf16
+    assert max(differences) <= 2e-3 * largest
+    assert all(
+        t.dtype == torch.float32 and torch.isfinite(t).all() for t in bf16["final"].values()
+    )  # fp32 slices
+    logs = [h for h in bf16["logs"] if "loss" in h]
+    assert all(h["perturbation_norm"] == pytest.approx(0.05, rel=1e-3) for h in logs)

@@ -42,6 +42,8 @@ def fsdp_on_cpu() -> None:
         plugin = kwargs.get("fsdp_plugin") or getattr(self, "fsdp_plugin", None)
         if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no" and plugin.mixed_precision_policy is None:
+                plugin.set_mixed_precision(self._mixed_precision)  # as accelerate's own FSDP branch does
             self.fsdp_plugin = plugin
 
     accelerate.state.AcceleratorState.__init__ = init
@@ -59,7 +61,11 @@ class ShardedNet(nn.Module):
 
     def forward(self, x, labels=None):
         logits = self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
-        return {"logits": logits} if labels is None else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        return (
+            {"logits": logits}
+            if labels is None
+            else {"loss": F.cross_entropy(logits, labels), "logits": logits}
+        )
 
 
 def dataset(n: int = 96) -> DictDataset:
@@ -119,6 +125,10 @@ def main(out: Path) -> None:
     fsdp_on_cpu()
     for name in RUNS:
         records[("fsdp", name)] = train(out, "fsdp", name)
+    # FSDP2 mixed precision: bf16 parameters in the passes, fp32 slices kept and stepped
+    records[("bf16", "zsam-global")] = train(
+        out, "fsdp", "zsam-global", bf16=True, output_dir=str(out / "bf16")
+    )
     for name in ("zsam-global", "fsam"):  # checkpoints: a straight run and one resumed from step 2
         settings = dict(
             max_steps=4, save_strategy="steps", save_steps=2, optim="adamw_torch", learning_rate=0.01
