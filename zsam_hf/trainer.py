@@ -447,8 +447,12 @@ def _gradients_through_backward(loss: torch.Tensor, params: list[torch.Tensor]) 
     return grads
 
 
+@torch.no_grad()
 def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's slice of a sharded (DTensor) parameter or gradient, in place; others as they are."""
+    """This rank's slice of a sharded (DTensor) parameter or gradient, sharing its storage; others as they are.
+
+    Taken without autograd, so the slice is a plain tensor the perturbation may write in place.
+    """
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
