@@ -25,7 +25,15 @@ import torch
 import transformers
 
 from zsam_hf.benchmark.grid import VARIANTS, Budget, RunSpec, load_results, run_grid
-from zsam_hf.benchmark.report import plot_accuracy, plot_curves, plot_flatness, plot_sensitivity, write_tables
+from zsam_hf.benchmark.report import (
+    cost_table,
+    plot_accuracy,
+    plot_accuracy_vs_time,
+    plot_curves,
+    plot_flatness,
+    plot_sensitivity,
+    write_tables,
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -135,13 +143,17 @@ def budget_text(args, specs: list[RunSpec]) -> str:
 def report(args, specs: list[RunSpec], records: list[dict]) -> str:
     keys = {s.key() for s in specs}
     records = [r for r in records if r["key"] in keys]
-    variants = list(VARIANTS)
+    variants = list(args.variants)  # the order the command line gave
     text = write_tables(records, args.output_dir, variants, budget_text(args, specs))
     plot_accuracy(records, os.path.join(args.output_dir, "test_accuracy.png"), variants)
     plot_curves(records, os.path.join(args.output_dir, "test_accuracy_curves.png"), variants)
     plot_flatness(records, os.path.join(args.output_dir, "flatness.png"), variants)
     plot_sensitivity(records, os.path.join(args.output_dir, "sensitivity.png"))
-    return text
+    plot_accuracy_vs_time(records, os.path.join(args.output_dir, "accuracy_vs_time.png"), variants)
+    cost = cost_table(records, variants)
+    with open(os.path.join(args.output_dir, "results.md"), "a") as f:
+        f.write("\nAccuracy against wall time:\n\n" + cost)
+    return text + "\nAccuracy against wall time:\n\n" + cost
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ TINY = [
     "--variants",
     "none",
     "zsam-global",
+    "zsam-global-k2",
     "--seeds",
     "0",
     "--epochs",
@@ -74,6 +75,7 @@ def test_tiny_grid_writes_results_table_and_plots_then_resumes(tmp_path, capsys)
     assert sorted((r["group"], r["variant"]) for r in records) == [
         ("grid", "none"),
         ("grid", "zsam-global"),
+        ("grid", "zsam-global-k2"),
         ("sweep", "zsam-global"),
         ("sweep", "zsam-global"),
     ]
@@ -90,15 +92,26 @@ def test_tiny_grid_writes_results_table_and_plots_then_resumes(tmp_path, capsys)
         and "Sensitivity sweep" in table
         and "Command:" in table
     )
-    assert (out / "results.csv").read_text().count("\n") == 5
-    for png in ("test_accuracy.png", "test_accuracy_curves.png", "flatness.png", "sensitivity.png"):
+    assert (out / "results.csv").read_text().count("\n") == 6
+    assert grid["zsam-global-k2"]["sam_interval"] == 2 and grid["zsam-global"]["sam_interval"] == 1
+    assert grid["zsam-global-k2"]["mean_sam_steps_fraction"] == pytest.approx(
+        0.5
+    )  # steps 0, 2, 4, 6, 8 of 10
+    assert "| cifar_resnet20 | zsam-global-k2 | 2 | 1 |" in table and "| 50% |" in table  # the cost table
+    for png in (
+        "test_accuracy.png",
+        "test_accuracy_curves.png",
+        "flatness.png",
+        "sensitivity.png",
+        "accuracy_vs_time.png",
+    ):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert json.loads((out / "budget.json").read_text())["args"]["epochs"] == 2
 
     capsys.readouterr()
     assert script.main([*TINY, "--output_dir", str(out)]) == 0  # everything done: nothing retrained
-    assert capsys.readouterr().out.count("done already, skipped") == 4
-    assert len(benchmark.load_results(str(out / "results.jsonl"))) == 4
+    assert capsys.readouterr().out.count("done already, skipped") == 5
+    assert len(benchmark.load_results(str(out / "results.jsonl"))) == 5
 
 
 class _KillAfterFirstSave(TrainerCallback):

@@ -218,3 +218,73 @@ def plot_flatness(records: list[dict], path: str, variants: list[str]) -> None:
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def _interval(run: dict) -> int:
+    return int(run.get("sam_interval") or 1)
+
+
+def cost_table(records: list[dict], variants: list[str]) -> str:
+    """Accuracy against cost: wall time and time per epoch, each also relative to the base optimizer."""
+    grid = _groups(records, "grid")
+    header = (
+        "| model | variant | k | n | test acc. (final) | wall time (s) | time / epoch (s) | "
+        "time vs base | two-pass steps |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for model in _grid_models(records):
+        base = grid.get((model, "none"))
+        base_wall = statistics.mean(r["wall_time_s"] for r in base) if base else None
+        for variant in variants:
+            runs = grid.get((model, variant), [])
+            if not runs:
+                continue
+            accuracy = _mean_std([100 * r["final_test_accuracy"] for r in runs])
+            wall = _mean_std([r["wall_time_s"] for r in runs])
+            per_epoch = statistics.mean(r["wall_time_s"] / r["epochs"] for r in runs if r.get("epochs"))
+            fraction = [
+                r["mean_sam_steps_fraction"] for r in runs if r.get("mean_sam_steps_fraction") is not None
+            ]
+            cells = [
+                model,
+                variant,
+                "–" if variant == "none" else str(_interval(runs[0])),
+                str(len(runs)),
+                f"{accuracy[0]:.2f} ± {accuracy[1]:.2f}",
+                f"{wall[0]:.0f} ± {wall[1]:.0f}",
+                f"{per_epoch:.1f}",
+                f"{wall[0] / base_wall:.2f}" if base_wall else "–",
+                f"{100 * statistics.mean(fraction):.0f}%" if fraction else "0%",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_time(records: list[dict], path: str, variants: list[str]) -> None:
+    """Test accuracy against wall time, one point per variant (mean ± std over seeds on both axes)."""
+    grid = _groups(records, "grid")
+    models = _grid_models(records)
+    fig, axes = _panels_per_model(models)
+    families = {"none": "black", "sam": "tab:blue", "zsam-global": "tab:red", "zsam-tensor": "tab:orange"}
+    for ax, model in zip(axes, models):
+        for variant in variants:
+            runs = grid.get((model, variant), [])
+            if not runs:
+                continue
+            family = variant.rsplit("-k", 1)[0] if "-k" in variant else variant
+            accuracy = _mean_std([100 * r["final_test_accuracy"] for r in runs])
+            wall = _mean_std([r["wall_time_s"] for r in runs])
+            color = families.get(family, "tab:gray")
+            ax.errorbar(wall[0], accuracy[0], xerr=wall[1], yerr=accuracy[1], fmt="o", color=color, capsize=3)
+            label = "base" if variant == "none" else f"k={_interval(runs[0])}"
+            ax.annotate(label, (wall[0], accuracy[0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for family, color in families.items():
+            if any(v == family or v.startswith(family + "-k") for m, v in grid if m == model):
+                ax.plot([], [], "o", color=color, label="base optimizer" if family == "none" else family)
+        ax.set_title(model)
+        ax.set_xlabel("wall time (s), mean ± std over seeds")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.legend(fontsize=8)
+    fig.set_size_inches(max(7, 5 * len(models)), 5)
+    fig.suptitle("Accuracy against wall time (k: the two-pass step every k-th optimizer step)", fontsize=10)
+    _save(fig, path)
