@@ -13,23 +13,14 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from toy import TinyClassifier, image_dataset, make_args, text_dataset, tiny_vit, vector_dataset
+from checks import assert_identical, assert_reloads_whole, weights
+from toy import TinyClassifier, image_dataset, make_args, text_dataset, tiny_bert, tiny_vit, vector_dataset
 
 import zsam_hf
 from zsam_hf import ZSAMTrainer
-from zsam_hf.checkpoints import CheckpointMismatchError, load_checkpoint_weights
+from zsam_hf.checkpoints import CheckpointMismatchError
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
-
-
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: t.detach().clone() for n, t in model.state_dict().items()}
-
-
-def _assert_identical(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name}: max difference {(a[name] - b[name]).abs().max()}"
 
 
 # ---- resume after SIGKILL ----------------------------------------------------------------
@@ -43,7 +34,7 @@ def _worker(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_vit_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_path):
+def test_vit_killed_after_a_checkpoint_resumes_to_the_uninterruptedweights(tmp_path):
     straight = _worker(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = _worker(tmp_path / "killed", "--kill-after-step", "4")
@@ -56,7 +47,7 @@ def test_vit_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tmp_
         safetensors.torch.load_file(tmp_path / d / "final" / "model.safetensors")
         for d in ("straight", "killed")
     ]
-    _assert_identical(*final)
+    assert_identical(*final)
 
 
 # ---- load_best_model_at_end --------------------------------------------------------------
@@ -94,7 +85,7 @@ def _checkpoint_of(tmp_path, model, dataset) -> Path:
     return tmp_path / "out" / "checkpoint-2"
 
 
-def _edit_weights(checkpoint: Path, edit) -> None:
+def _editweights(checkpoint: Path, edit) -> None:
     path = checkpoint / "model.safetensors"
     tensors = safetensors.torch.load_file(path)
     edit(tensors)
@@ -111,51 +102,32 @@ def test_resume_from_a_mismatched_checkpoint_fails_before_training_naming_the_te
     saved = safetensors.torch.load_file(checkpoint / "model.safetensors")
     victim = sorted(saved)[-1]
     if edit == "missing":
-        _edit_weights(checkpoint, lambda t: t.pop(victim))
+        _editweights(checkpoint, lambda t: t.pop(victim))
         expected = f"missing from the checkpoint: {victim}"
     else:
-        _edit_weights(checkpoint, lambda t: t.update({"stray.weight": torch.zeros(2, 2)}))
+        _editweights(checkpoint, lambda t: t.update({"stray.weight": torch.zeros(2, 2)}))
         expected = "not in the model: stray.weight"
     model = make_model()
-    before = _weights(model)
+    before = weights(model)
     trainer = ZSAMTrainer(model=model, args=make_args(tmp_path / "again", max_steps=4), train_dataset=data)
     with pytest.raises(CheckpointMismatchError, match=expected.replace(".", r"\.")):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert trainer.state.global_step == 0
-    _assert_identical(before, _weights(model))  # nothing half-loaded
+    assert_identical(before, weights(model))  # nothing half-loaded
 
 
 # ---- sharded files -------------------------------------------------------------------------
 @pytest.mark.parametrize("shard", [None, "2KB"])
 def test_checkpoint_weights_load_whole_from_one_file_or_shards(tmp_path, shard):
-    source, target = tiny_vit(seed=0), tiny_vit(seed=1)
-    kwargs = {"max_shard_size": shard} if shard else {}
-    source.save_pretrained(tmp_path, **kwargs)
-    assert (tmp_path / "model.safetensors.index.json").exists() == bool(shard)
-    assert any(
-        not torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values())
-    )
-    load_checkpoint_weights(target, str(tmp_path))
-    _assert_identical(_weights(source), _weights(target))
+    assert_reloads_whole(tiny_vit(seed=0), tiny_vit(seed=1), tmp_path, shard)
 
 
 # ---- PEFT: the adapter alone, resumed exactly --------------------------------------------------
 def _lora_bert():
     from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])
-    return get_peft_model(BertForSequenceClassification(config), lora)
+    return get_peft_model(tiny_bert(seed=0), lora)
 
 
 def test_peft_lora_run_resumes_exactly(tmp_path):
@@ -180,7 +152,7 @@ def test_peft_lora_run_resumes_exactly(tmp_path):
     assert (checkpoint / "adapter_model.safetensors").exists() and not (
         checkpoint / "model.safetensors"
     ).exists()
-    _assert_identical(straight, run(tmp_path / "resumed", resume=str(checkpoint)))
+    assert_identical(straight, run(tmp_path / "resumed", resume=str(checkpoint)))
 
 
 def test_peft_checkpoint_missing_an_adapter_tensor_is_refused(tmp_path):
@@ -231,7 +203,7 @@ def test_custom_reentrant_checkpointing_trains_like_no_checkpointing(tmp_path, a
         model = CheckpointedMLP(checkpointing)
         args = make_args(tmp_path, max_steps=3, gradient_accumulation_steps=accumulation, sam_variant=variant)
         ZSAMTrainer(model=model, args=args, train_dataset=vector_dataset(32)).train()
-        results.append(_weights(model))
+        results.append(weights(model))
     assert any(
         not torch.equal(results[0][n], CheckpointedMLP(False).state_dict()[n]) for n in results[0]
     )  # trained
@@ -239,14 +211,18 @@ def test_custom_reentrant_checkpointing_trains_like_no_checkpointing(tmp_path, a
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_transformers_gradient_checkpointing_both_modes_and_no_warning_from_us(tmp_path, reentrant):
+def test_transformers_gradient_checkpointing_both_modes_and_no_warning_from_us(
+    tmp_path, reentrant, accumulation
+):
     results = []
     for checkpointing in (False, True):
         model = tiny_vit()
         args = make_args(
             tmp_path,
             max_steps=2,
+            gradient_accumulation_steps=accumulation,
             gradient_checkpointing=checkpointing,
             learning_rate=0.01,
             gradient_checkpointing_kwargs={"use_reentrant": reentrant} if checkpointing else None,
@@ -254,6 +230,7 @@ def test_transformers_gradient_checkpointing_both_modes_and_no_warning_from_us(t
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ZSAMTrainer(model=model, args=args, train_dataset=image_dataset(16)).train()
+        assert model.is_gradient_checkpointing == checkpointing
         ours = [w for w in caught if str(Path(zsam_hf.__file__).parent) in str(w.filename)]
         assert not ours, [f"{w.filename}:{w.lineno}: {w.message}" for w in ours]
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from huggingface_hub import ModelCard
-from toy import make_args, text_dataset
+from toy import make_args, text_dataset, tiny_bert
 
 from zsam_hf import ZSAMTrainer
 
@@ -63,18 +63,7 @@ def test_core_trains_without_any_application_package(tmp_path):
 
 
 def test_text_classifier_gets_a_valid_card_without_image_claims(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
-    model = BertForSequenceClassification(config)
+    model = tiny_bert()
 
     def compute_metrics(pred):
         return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}

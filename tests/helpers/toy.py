@@ -65,6 +65,17 @@ class DictDataset(torch.utils.data.Dataset):
         return DictDataset({**self.columns, **fn(self.columns)})
 
 
+def tiny_bert(num_labels: int = 2, seed: int | None = None):
+    """A 1-layer BERT sequence classifier from config (no download): the text-classification path."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16, num_labels=num_labels)  # fmt: skip
+    return BertForSequenceClassification(config)
+
+
 def vector_dataset(n: int, n_in: int = 6, seed: int = 0) -> DictDataset:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, n_in, generator=gen)
