@@ -105,3 +105,15 @@ def test_interval_is_on_the_card(tmp_path):
     trainer.train()
     trainer.create_model_card()
     assert "| sam_interval | 5 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_interval_under_bf16_autocast(tmp_path):
+    from toy import image_dataset, tiny_vit
+
+    model = tiny_vit()
+    args = make_args(tmp_path, bf16=True, sam_interval=2, max_steps=4, logging_steps=4)
+    trainer = ZSAMTrainer(model=model, args=args, train_dataset=image_dataset(32))
+    trainer.train()
+    [log] = [h for h in trainer.state.log_history if "loss" in h]
+    assert log["sam_steps_fraction"] == 0.5 and log["perturbation_norm"] == pytest.approx(0.05, rel=1e-3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -29,6 +29,7 @@ RUNS = {
     "sam": dict(sam_variant="sam"),
     "asam": dict(sam_variant="asam"),
     "fsam": dict(sam_variant="fsam"),
+    "zsam-k2": dict(sam_variant="zsam", sam_interval=2),  # steps 0 and 2 two-pass, step 1 plain
 }
 STEPS = 3
 
