@@ -35,7 +35,10 @@ def test_sharded_threshold_equals_torch_quantile_of_the_full_tensor(tmp_path, wo
     fulls = full_gradients()
     for q in ranks[0]["results"]:
         for name, full in fulls.items():
-            deviation = (full - full.mean()).abs()
+            mean = ranks[0]["results"][q][name][
+                "mean"
+            ]  # the ranks' mean (a reduction's rounding depends on threads)
+            deviation = (full - mean).abs()
             slices = [r["results"][q][name]["slice"] for r in ranks]
             assert torch.equal(torch.cat(slices), full) and (
                 name != "small" or world < 3 or slices[-1].numel() == 0

@@ -58,7 +58,7 @@ def main(out: Path) -> None:
             list(slices.values()), [g.numel() for g in fulls.values()], q, list(means.values())
         )
         results[q] = {
-            name: {"threshold": t, "kept": k[0], "values": k[1], "slice": slices[name]}
+            name: {"threshold": t, "kept": k[0], "values": k[1], "slice": slices[name], "mean": means[name]}
             for name, t, k in zip(fulls, thresholds, kept)
         }
     torch.save({"results": results, "world": world}, out / f"rank{rank}.pt")
