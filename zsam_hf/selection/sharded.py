@@ -84,7 +84,6 @@ def sharded_thresholds(
     """
     device = deviations[0].device if deviations else torch.device("cpu")
     dtype = deviations[0].dtype if deviations else torch.float32
-    world = dist.get_world_size(group)
 
     # 1. samples -> the same bracket on every rank
     samples = [d[_stride(n) // 2 :: _stride(n)] for d, n in zip(deviations, numels)]
@@ -124,7 +123,7 @@ def sharded_thresholds(
         torch.cat(bands) if bands else torch.empty(0, dtype=dtype, device=device), group
     )
     thresholds: list[torch.Tensor | None] = []
-    for plan, pieces in zip(plans, _split_per_rank(gathered, counts) if world else []):
+    for plan, pieces in zip(plans, _split_per_rank(gathered, counts)):
         if plan is None:
             thresholds.append(None)
         elif plan[0] == "tied":
@@ -141,4 +140,4 @@ def _gathered_counts(counts: list[int], device, group) -> torch.Tensor:
     local = torch.tensor(counts, dtype=torch.long, device=device)
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
-    return torch.stack(gathered) if gathered else local[None]
+    return torch.stack(gathered)
