@@ -57,8 +57,17 @@ def _global_norm(tensors: list[torch.Tensor], shards: Shards | None = None) -> t
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry of every tensor is finite (one host synchronization)."""
+def _tensor_norms(tensors: list[torch.Tensor], shards: Shards | None = None) -> torch.Tensor:
+    """||t|| of each tensor; of each full tensor when they are sliced across ranks."""
+    if shards is not None:
+        return shards.squared_norms(tensors).sqrt()
+    return torch.stack(torch._foreach_norm(tensors))
+
+
+def _all_finite(tensors: list[torch.Tensor], shards: Shards | None = None) -> bool:
+    """Whether every entry of every (full) tensor is finite (one host synchronization)."""
+    if shards is not None:
+        return shards.all_finite(tensors)
     if not tensors:
         return True
     return bool(torch.isfinite(torch.stack(torch._foreach_norm([t.reshape(-1) for t in tensors]))).all())
@@ -157,10 +166,7 @@ def zsam_offsets(
 
     if normalization == "tensor":
         present = [f for f in filtered if f is not None]
-        if shards is not None:
-            norms = shards.squared_norms([f.values for f in present]).sqrt() if present else None
-        else:
-            norms = torch.stack(torch._foreach_norm([f.values for f in present])) if present else None
+        norms = _tensor_norms([f.values for f in present], shards) if present else None
         positive = iter(norms.gt(0).tolist() if present else [])  # one host sync for all tensors
         norm_of = iter(norms.unbind() if present else [])
         scaled = [(next(norm_of), next(positive)) if f is not None else (None, False) for f in filtered]
@@ -301,16 +307,12 @@ class SharpnessPerturbation:
         With ``shards``, the tensors are this rank's slices of full tensors of ``numels`` entries.
         """
         if self.variant == "zsam":
+            weight_grads = [g for g in grads if g.ndim > 1]
             if shards is None:
-                means = [gradient_mean(g) for g in grads if g.ndim > 1]
-                finite = _all_finite([*means, *(g for g in grads if g.ndim <= 1)])
+                means = [gradient_mean(g) for g in weight_grads]
             else:
-                weights = [(g, n) for g, n in zip(grads, numels) if g.ndim > 1]
-                means = shards.means([g for g, _ in weights], [n for _, n in weights])
-                finite = shards.all_finite(
-                    [*(m.reshape(1) for m in means), *(g for g in grads if g.ndim <= 1)]
-                )
-            if not finite:
+                means = shards.means(weight_grads, [n for g, n in zip(grads, numels) if g.ndim > 1])
+            if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)], shards):
                 return None
             return zsam_offsets(grads, self.rho, self.quantile, self.normalization, means, shards, numels)
         if self.variant not in VARIANTS[:-1]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .selection.order_statistics import as_float
+
 
 @dataclass
 class Shards:
@@ -35,9 +37,7 @@ class Shards:
         """mean of each full tensor of ``numels`` entries (float32 at least), from the local slices' sums."""
         if not tensors:
             return []
-        sums = torch.stack(
-            [t.float().sum() if t.dtype in (torch.float16, torch.bfloat16) else t.sum() for t in tensors]
-        )
+        sums = torch.stack([as_float(t).sum() for t in tensors])  # half precision summed in float32
         sums = self.sum(sums)
         return [s / n for s, n in zip(sums.unbind(), numels)]
 

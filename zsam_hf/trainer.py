@@ -98,16 +98,12 @@ class ZSAMTrainer(Trainer):
                 f"args must be a ZSAMTrainingArguments, got {type(args).__name__}: "
                 "swap TrainingArguments for zsam_hf.ZSAMTrainingArguments."
             )
-        fsdp_version = int((args.fsdp_config or {}).get("version", 2)) if args.fsdp else None
-        _check_backend(args, deepspeed=bool(args.deepspeed), fsdp_version=fsdp_version)
+        # Once from the arguments (fail before any model work), once from what accelerate set up.
+        requested_fsdp = int((args.fsdp_config or {}).get("version", 2)) if args.fsdp else None
+        _check_backend(args, deepspeed=bool(args.deepspeed), fsdp_version=requested_fsdp)
         super().__init__(model, args, *more, **kwargs)
-        if self.is_fsdp_enabled:
-            fsdp_version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
-        _check_backend(
-            args,
-            deepspeed=self.is_deepspeed_enabled,
-            fsdp_version=fsdp_version if self.is_fsdp_enabled else None,
-        )
+        fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
+        _check_backend(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=fsdp_version)
         self.perturbation = SharpnessPerturbation(
             variant=args.sam_variant,
             rho=args.sam_rho,
