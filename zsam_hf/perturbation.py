@@ -256,7 +256,7 @@ def apply_offsets(
     for i, (p, offset) in enumerate(zip(params, offsets)):
         if isinstance(offset, SparseOffset) and p.is_contiguous():
             flat = p.view(-1)
-            original = flat.index_select(0, offset.indices)
+            original = flat.gather(0, offset.indices)  # faster than index_select on a CPU
             flat.index_copy_(0, offset.indices, original + offset.values.to(p.dtype))
             applied.params.append(p)
             applied.saved.append(SparseOffset(offset.indices, original))

@@ -303,3 +303,77 @@ def test_positions_above_match_numpy(size, density):
         for buffer in (None, np.ones(2 * size + 64, dtype=bool)):  # a reused buffer holds stale bytes
             got = cpu.positions_above(values, bound, inclusive=inclusive, buffer=buffer)
             np.testing.assert_array_equal(got.numpy(), expected)
+
+
+def _ulp_walk(start, dtype, steps: int = 64) -> np.ndarray:
+    """``steps`` consecutive floating point numbers of ``dtype`` either side of ``start``."""
+    out = [dtype(start)]
+    for direction in (np.inf, -np.inf):
+        value = dtype(start)
+        for _ in range(steps):
+            value = np.nextafter(value, dtype(direction))
+            out.append(value)
+    return np.array(out, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "mean,low",
+    [
+        (0.0, 1.0),
+        (1e3, 1e-3),
+        (-1e3, 1e-3),
+        (1e-3, 1e3),
+        (0.5, 0.0),
+        (1e-40, 1e-42),
+        (3e38, 3e38),
+        (-3e38, 3e38),
+    ],
+)
+def test_outside_bounds_hold_every_entry_at_or_beyond_the_bound(dtype, mean, low):
+    """g <= lower or g >= upper whenever |g - mean| >= low as the dtype computes it; and only a few more."""
+    from zsam_hf.selection import cpu
+
+    with np.errstate(over="ignore", under="ignore"):
+        mean, low = dtype(mean), dtype(low)
+        lower, upper = cpu._outside_bounds(float(mean), float(low), np.dtype(dtype))
+        edges = [float(mean) + float(low), float(mean) - float(low)]
+        g = np.concatenate([_ulp_walk(edge, dtype) for edge in edges])
+        g = g[np.isfinite(g)]
+        reached = np.abs(g - mean) >= low
+    outside = (g <= lower) | (g >= upper)
+    assert outside[reached].all(), g[reached & ~outside]
+    assert np.count_nonzero(outside & ~reached) <= 40  # the slack is a few rounding errors wide
+
+
+def _hard_gradients():
+    """Tensors where comparing g with the outside bounds lets in many extra candidates, or ties decide."""
+    gen = torch.Generator().manual_seed(7)
+    n = 200_000
+    noise = torch.randn(n, generator=gen)
+    zero_taps = torch.zeros(n // 9 + 1, 9)
+    zero_taps[:, 4] = torch.randn(n // 9 + 1, generator=gen)
+    return {
+        "large mean, tiny spread": 1e3 + noise * 1e-3,  # |g - mean| quantized to a few ulps of 1e3
+        "subnormal": noise * 1e-39,
+        "float64": noise.double() * 3 - 1,
+        "few values": torch.randint(-2, 3, (n,), generator=gen).float(),
+        "8 of 9 taps zero": zero_taps.reshape(-1),
+        "heavy tails": noise / (torch.rand(n, generator=gen) + 1e-3),
+    }
+
+
+@pytest.mark.parametrize("name", list(_hard_gradients()))
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.95, 0.99])
+def test_bracketed_selection_equals_a_full_selection(name, q):
+    """The sampled bound and one collecting pass keep exactly what a full selection keeps."""
+    from zsam_hf.selection import cpu, gradient_mean
+
+    flat = _hard_gradients()[name]
+    assert flat.numel() > cpu.SMALL_TENSOR
+    mean = gradient_mean(flat)
+    indices, values = cpu._kept_bracketed(flat, mean, q, cpu._Workspace())
+    want_indices, want_values = cpu._kept_exact(flat, mean, q)
+    np.testing.assert_array_equal(indices.numpy(), want_indices.numpy())
+    np.testing.assert_array_equal(values.numpy(), want_values.numpy())
+    np.testing.assert_array_equal(values.numpy(), flat.numpy()[indices.numpy()])

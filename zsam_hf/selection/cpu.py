@@ -5,8 +5,10 @@ For each large tensor:
 1. an evenly strided sample of d = |g - mean g| gives a bound ``low`` that lies just below
    the quantile with overwhelming probability;
 2. one pass over cache-sized chunks collects the candidates d >= low (the kept entries
-   plus a thin margin) with their gradient values, which also tells how many entries
-   lie below the bound;
+   plus a thin margin) with their gradient values.  It compares g itself with two bounds
+   a few rounding errors outside mean -/+ low, so no d is materialized; the few extra
+   entries this lets in are told apart by the candidates' exact d, which also tells how
+   many entries lie below the bound;
 3. the quantile's two order statistics are selected exactly among the candidates, and
    the kept entries are the candidates above the quantile.
 
@@ -19,6 +21,7 @@ that feed ``nonzero`` go through NumPy too, for the same reason.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -29,41 +32,79 @@ from .order_statistics import Kept, adjacent_order_statistics, as_float, quantil
 MAX_SAMPLE = 1 << 16
 BRACKET_SIGMAS = 3.5
 SMALL_TENSOR = 1 << 16
-# Entries of |g - mean| materialized at a time (a buffer that stays in cache).
+# Entries compared at a time (their masks stay in cache).
 CHUNK = 1 << 18
 # Sample strides avoid these primes, so a sample never locks onto a kernel's row or tap.
 _SMALL_PRIMES = 2 * 3 * 5 * 7
 
 
 def positions_above(values: torch.Tensor, bound, inclusive: bool = False, buffer: np.ndarray | None = None):
-    """Positions where ``values > bound`` (``>=`` if inclusive), for a CPU tensor.
-
-    NumPy compares into a byte mask several times faster than torch does, and its
-    ``nonzero`` runs a branch-free loop once more than a tenth of the bytes are set (a
-    branchy one, slower than torch's, below that).  Sparser masks (the candidates are
-    ~5%) are read in two branch-free steps: the 8-byte words holding any set byte (a
-    run of set words appended lifts their density above a tenth), then the set bytes
-    inside those words (at least one in eight, by construction).
-    """
+    """Positions where ``values > bound`` (``>=`` if inclusive), for a CPU tensor."""
     arr = values.numpy()
-    size = arr.size
-    whole, pad = size // 8, size // 64 + 1  # 8-byte words, set words appended
-    if buffer is None or buffer.size < size + whole + pad:
-        buffer = np.empty(size + whole + pad, dtype=bool)
+    buffer = _mask_buffer(arr.size, buffer)
+    (np.greater_equal if inclusive else np.greater)(arr, arr.dtype.type(bound), out=buffer[: arr.size])
+    return torch.from_numpy(_set_positions(buffer, arr.size))
+
+
+def _mask_buffer(size: int, buffer: np.ndarray | None = None) -> np.ndarray:
+    """A byte buffer that holds a mask of ``size`` entries and what ``_set_positions`` needs beside it."""
+    needed = size + size // 8 + size // 64 + 1
+    return buffer if buffer is not None and buffer.size >= needed else np.empty(needed, dtype=bool)
+
+
+def _set_positions(buffer: np.ndarray, size: int, sparse: bool = False) -> np.ndarray:
+    """Positions of the set bytes of the mask ``buffer[:size]``, as an int64 array.
+
+    NumPy's ``nonzero`` runs a branch-free loop once more than a tenth of the bytes are
+    set (a branchy one, slower than torch's, below that).  Sparser masks (the candidates
+    are ~5%) are read in two branch-free steps: the 8-byte words holding any set byte (a
+    run of set words appended lifts their density above a tenth), then the set bytes
+    inside those words (at least one in eight, by construction).  ``sparse`` says the
+    caller knows the mask is sparse, saving the count that tells.  The bytes of
+    ``buffer`` past the mask are scratch.
+    """
     mask = buffer[:size]
-    (np.greater_equal if inclusive else np.greater)(arr, arr.dtype.type(bound), out=mask)
-    if 10 * np.count_nonzero(mask) > size:  # dense already: one branch-free pass
-        return torch.from_numpy(np.flatnonzero(mask))
+    if not sparse and 10 * np.count_nonzero(mask) > size:  # dense already: one branch-free pass
+        return np.flatnonzero(mask)
+    whole, pad = size // 8, size // 64 + 1  # 8-byte words, set words appended
     words = mask[: whole * 8].view(np.uint64)
     word_set = buffer[size : size + whole + pad]
     np.not_equal(words, 0, out=word_set[:whole])
     word_set[whole:] = True
     hit = np.flatnonzero(word_set)[:-pad]
-    inside = np.flatnonzero(words[hit].view(bool))
-    positions = hit[inside >> 3] * 8 + (inside & 7)
+    inside = np.flatnonzero(words[hit].view(bool))  # byte offsets into the gathered words
+    np.left_shift(hit, 3, out=hit)
+    positions = hit[inside >> 3]  # first byte of each set byte's word, ...
+    positions += np.bitwise_and(inside, 7, out=inside)  # ... plus its place in the word
     if size > whole * 8:
         positions = np.concatenate([positions, whole * 8 + np.flatnonzero(mask[whole * 8 :])])
-    return torch.from_numpy(positions)
+    return positions
+
+
+def _round_toward(value: float, dtype: np.dtype, direction: float) -> np.floating:
+    """``value`` rounded to ``dtype`` toward ``direction`` (-inf or +inf)."""
+    with np.errstate(over="ignore"):
+        rounded = dtype.type(value)
+    if rounded > value if direction < 0 else rounded < value:
+        rounded = np.nextafter(rounded, dtype.type(direction))
+    return rounded
+
+
+def _outside_bounds(mean: float, low: float, dtype: np.dtype) -> tuple[np.floating, np.floating]:
+    """``lower``, ``upper`` in ``dtype`` such that |g - mean| >= low, as ``dtype`` arithmetic computes
+    it, implies g <= lower or g >= upper.
+
+    Rounding g - mean moves it by at most half an ulp (relative) or, among subnormals, half
+    the smallest one; the bounds give away several times that, rounded outwards, so
+    comparing g itself (no subtraction pass) finds every candidate and at most a few more,
+    which the candidates' exact |g - mean| then sets aside.
+    """
+    info = np.finfo(dtype)
+    slack = 4 * float(info.eps) * (abs(mean) + low) + 4 * float(info.smallest_subnormal)
+    return (
+        _round_toward(mean - low + slack, dtype, math.inf),
+        _round_toward(mean + low - slack, dtype, -math.inf),
+    )
 
 
 def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
@@ -72,32 +113,50 @@ def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
     (lo, _), frac = quantile_ranks(flat.numel(), q)
     threshold = torch.lerp(*adjacent_order_statistics(deviation, lo), frac)
     kept = positions_above(deviation, threshold)
-    return kept, flat.index_select(0, kept)
+    return kept, flat.gather(0, kept)
 
 
 class _Workspace:
-    """Chunk-sized buffers reused for every tensor of a step.
+    """Buffers reused for every tensor of every step (one workspace per thread).
 
     On the CPU a fresh tensor-sized allocation costs more in page faults than the
-    arithmetic, and a chunk that stays in cache makes each pass over it cheap.
+    arithmetic, and a chunk that stays in cache makes each pass over it cheap.  The
+    candidate buffers grow to the most candidates one tensor has had (about 6% of the
+    largest gradient's bytes) and are never handed out: results are copies.
     """
 
     def __init__(self):
-        self.mask = np.empty(CHUNK + CHUNK // 8 + CHUNK // 64 + 1, dtype=bool)
-        self._scratch: dict[torch.dtype, torch.Tensor] = {}
+        self.mask = _mask_buffer(CHUNK)
+        self.below = np.empty(CHUNK, dtype=bool)
+        self._buffers: dict[np.dtype, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def scratch(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._scratch:
-            self._scratch[dtype] = torch.empty(CHUNK, dtype=dtype)
-        return self._scratch[dtype]
+    def candidates(self, dtype: np.dtype, needed: int, kept: int = 0):
+        """Buffers for ``needed`` candidates: indices, values, deviations and a mask buffer.
+
+        The first ``kept`` indices and values are preserved when the buffers grow.
+        """
+        buffers = self._buffers.get(dtype)
+        if buffers is None or buffers[0].size < needed:
+            size = max(needed, 2 * buffers[0].size if buffers else 0)
+            indices, values = np.empty(size, dtype=np.int64), np.empty(size, dtype=dtype)
+            if buffers:
+                indices[:kept], values[:kept] = buffers[0][:kept], buffers[1][:kept]
+            buffers = self._buffers[dtype] = (
+                indices,
+                values,
+                np.empty(size, dtype=dtype),
+                _mask_buffer(size),
+            )
+        return buffers
 
 
-def _deviation_chunks(flat: torch.Tensor, mean: torch.Tensor, scratch: torch.Tensor):
-    """Yield (start, gradient chunk, |chunk - mean|) over consecutive chunks, |.| in ``scratch``."""
-    step = scratch.numel()
-    for start in range(0, flat.numel(), step):
-        part = flat[start : start + step]
-        yield start, part, torch.sub(part, mean, out=scratch[: part.numel()]).abs_()
+_workspaces = threading.local()
+
+
+def _workspace() -> _Workspace:
+    if not hasattr(_workspaces, "work"):
+        _workspaces.work = _Workspace()
+    return _workspaces.work
 
 
 def _coprime_stride(stride: int) -> int:
@@ -133,8 +192,28 @@ def _bracket(sample: np.ndarray, q: float):
     return ordered[max(0, math.floor(centre) - margin)], ordered[min(m - 1, math.ceil(centre) + margin)]
 
 
-def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _candidates(
+    gradient: np.ndarray, mean: float, low: float, work: _Workspace
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry with |g - mean| >= low (and at most a few more): flat indices and g there.
+
+    One pass over cache-sized chunks compares g itself with the two ``_outside_bounds``.
+    """
+    lower, upper = _outside_bounds(mean, low, gradient.dtype)
+    count = 0
+    for start in range(0, gradient.size, CHUNK):
+        part = gradient[start : start + CHUNK]
+        size = part.size
+        np.greater_equal(part, upper, out=work.mask[:size])
+        np.less_equal(part, lower, out=work.below[:size])
+        np.bitwise_or(work.mask[:size], work.below[:size], out=work.mask[:size])
+        found = _set_positions(work.mask, size, sparse=True)
+        end = count + found.size
+        indices, values, _, _ = work.candidates(gradient.dtype, end, count)
+        np.add(found, start, out=indices[count:end])
+        np.take(part, found, out=values[count:end], mode="clip")
+        count = end
+    return indices[:count], values[:count]
 
 
 def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspace) -> Kept:
@@ -142,33 +221,34 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     n = flat.numel()
     (lo, hi), frac = quantile_ranks(n, q)
     low, high = _bracket(_sample(flat, mean), q)
-    tie = bool(low == high)  # e.g. the zero taps of 3x3 kernels on 1x1 feature maps
-    scratch = work.scratch(flat.dtype)
-    indices, values = [], []
-    for start, part, deviation in _deviation_chunks(flat, mean, scratch):
-        found = positions_above(deviation, low, inclusive=not tie, buffer=work.mask)
-        values.append(part.index_select(0, found))
-        indices.append(found.add_(start))
-    indices, values = _concat(indices), _concat(values)
-    deviation = (values - mean).abs_()  # the very numbers the chunks compared
-    if tie:  # candidates are the entries above the tied value; two counts place the quantile
-        at_most_high = n - indices.numel()
-        below = sum(
-            int(np.count_nonzero(d.numpy() < low)) for _, _, d in _deviation_chunks(flat, mean, scratch)
-        )
-        if below <= lo and hi < at_most_high:
-            return indices, values
+    gradient, center = flat.numpy(), mean.numpy()
+    indices, values = _candidates(gradient, float(center), float(low), work)
+    _, _, d, mask = work.candidates(gradient.dtype, values.size, values.size)
+    d = np.abs(
+        np.subtract(values, center, out=d[: values.size]), out=d[: values.size]
+    )  # as a full pass would
+    below = n - int(np.count_nonzero(d >= low))  # entries under the bound, exactly
+    if low == high:  # a run of ties straddles the quantile (e.g. the zero taps of 3x3 kernels on 1x1 maps)
+        at_most_high = n - int(np.count_nonzero(d > low))
+        if below <= lo and hi < at_most_high:  # both order statistics are the tied value
+            keep = _set_positions(_compare(d, low, mask), d.size)
+            return torch.from_numpy(indices.take(keep)), torch.from_numpy(values.take(keep))
         return _kept_exact(flat, mean, q)
-    below = n - indices.numel()
     if below > lo:
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
-    threshold = torch.lerp(*adjacent_order_statistics(deviation, lo - below), frac)
-    keep = positions_above(deviation, threshold)
-    return indices.index_select(0, keep), values.index_select(0, keep)
+    # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
+    threshold = torch.lerp(*adjacent_order_statistics(torch.from_numpy(d), lo - (n - d.size)), frac)
+    keep = _set_positions(_compare(d, threshold.item(), mask), d.size)
+    return torch.from_numpy(indices.take(keep)), torch.from_numpy(values.take(keep))
+
+
+def _compare(values: np.ndarray, bound, buffer: np.ndarray) -> np.ndarray:
+    """``values > bound`` in ``buffer``, ready for ``_set_positions``."""
+    np.greater(values, values.dtype.type(bound), out=buffer[: values.size])
+    return buffer
 
 
 def kept_on_cpu(grads: list[torch.Tensor], q: float, means: list[torch.Tensor]) -> list[Kept]:
-    work = None
     results = []
     for g, mean in zip(grads, means):
         flat = as_float(g)
@@ -177,8 +257,7 @@ def kept_on_cpu(grads: list[torch.Tensor], q: float, means: list[torch.Tensor]) 
         elif flat.numel() <= SMALL_TENSOR:
             kept = _kept_exact(flat, mean, q)
         else:
-            work = work or _Workspace()
-            kept = _kept_bracketed(flat, mean, q, work)
+            kept = _kept_bracketed(flat, mean, q, _workspace())
         indices, values = kept
         results.append((indices, values.to(g.dtype)))
     return results
