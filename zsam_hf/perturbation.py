@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .selection import gradient_mean, kept_entries_many, kept_entries_sharded
+from .selection import Kept, gradient_mean, kept_entries_many, kept_entries_sharded
 from .sharding import Shards
 
 EPS = 1e-12
@@ -136,6 +136,7 @@ def zsam_offsets(
     means: list[torch.Tensor] | None = None,
     shards: Shards | None = None,
     numels: list[int] | None = None,
+    kept: list[Kept] | None = None,
 ) -> tuple[list[Offset], float]:
     """ZSharp (Yun 2025): SAM's step on the z-score filtered gradient.
 
@@ -144,7 +145,8 @@ def zsam_offsets(
     formula) scales the filtered gradient of all tensors together to norm rho;
     ``tensor`` (the released code) scales each weight tensor to norm rho on its own.
     A weight tensor whose mask is empty falls back to SAM's e_p = rho g_p / (||g||_G + eps).
-    ``means`` are the weight gradients' means (``gradient_mean``), when already known.
+    ``means`` are the weight gradients' means (``gradient_mean``), when already known, and
+    ``kept`` their kept entries (``kept_entries_many``), when already selected.
     With ``shards`` the gradients are this rank's slices of tensors of ``numels`` entries
     (FSDP2): every statistic is the full tensors', the offsets this rank's slices.
 
@@ -152,7 +154,8 @@ def zsam_offsets(
     """
     weights = [i for i, g in enumerate(grads) if g.ndim > 1]
     if shards is None:
-        kept = kept_entries_many([grads[i] for i in weights], quantile, means)
+        if kept is None:
+            kept = kept_entries_many([grads[i] for i in weights], quantile, means)
         counts = [indices.numel() for indices, _ in kept]
         sizes = [grads[i].numel() for i in weights]
     else:
@@ -194,6 +197,21 @@ def zsam_offsets(
         else:
             offsets.append(g.mul_(scale if g.ndim <= 1 else sam_scale))
     return offsets, kept_fraction
+
+
+def _kept_while_finite(grads: list[torch.Tensor], quantile: float) -> list[Kept] | None:
+    """Each CPU weight gradient's mean, then at once its kept entries; None if a mean is not finite.
+
+    Tensor by tensor, so the selection reads a gradient the mean has just brought into the
+    CPU's cache; a non-finite mean (an fp16 overflow) stops before the next selection.
+    """
+    kept = []
+    for g in grads:
+        mean = gradient_mean(g)
+        if not bool(torch.isfinite(mean)):
+            return None
+        kept.extend(kept_entries_many([g], quantile, [mean]))
+    return kept
 
 
 def _sam_scale_if(
@@ -303,18 +321,29 @@ class SharpnessPerturbation:
         """e for each parameter (aligned with ``params``) and the zsam kept fraction.
 
         None when the ascent gradient is not finite (an fp16 overflow).  The check
-        reuses a number each variant computes anyway: ||g||_G, or for zsam the means.
+        reuses a number each variant computes anyway: ||g||_G, or for zsam the means
+        (on a CPU, each checked just before its tensor's selection).
         With ``shards``, the tensors are this rank's slices of full tensors of ``numels`` entries.
         """
         if self.variant == "zsam":
             weight_grads = [g for g in grads if g.ndim > 1]
-            if shards is None:
-                means = [gradient_mean(g) for g in weight_grads]
+            kept = None
+            if shards is None and weight_grads and weight_grads[0].device.type == "cpu":
+                if not _all_finite([g for g in grads if g.ndim <= 1]):
+                    return None
+                means, kept = None, _kept_while_finite(weight_grads, self.quantile)
+                if kept is None:
+                    return None
             else:
-                means = shards.means(weight_grads, [n for g, n in zip(grads, numels) if g.ndim > 1])
-            if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)], shards):
-                return None
-            return zsam_offsets(grads, self.rho, self.quantile, self.normalization, means, shards, numels)
+                if shards is None:
+                    means = [gradient_mean(g) for g in weight_grads]
+                else:
+                    means = shards.means(weight_grads, [n for g, n in zip(grads, numels) if g.ndim > 1])
+                if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)], shards):
+                    return None
+            return zsam_offsets(
+                grads, self.rho, self.quantile, self.normalization, means, shards, numels, kept
+            )
         if self.variant not in VARIANTS[:-1]:
             raise ValueError(
                 f"sam_variant={self.variant!r} has no perturbation; expected one of {VARIANTS[:-1]}"
