@@ -40,10 +40,14 @@ _SMALL_PRIMES = 2 * 3 * 5 * 7
 
 def positions_above(values: torch.Tensor, bound, inclusive: bool = False, buffer: np.ndarray | None = None):
     """Positions where ``values > bound`` (``>=`` if inclusive), for a CPU tensor."""
-    arr = values.numpy()
+    return torch.from_numpy(_positions_above(values.numpy(), bound, inclusive, buffer))
+
+
+def _positions_above(arr: np.ndarray, bound, inclusive: bool = False, buffer: np.ndarray | None = None):
+    """``positions_above`` on a NumPy array; ``buffer`` (see ``_mask_buffer``) is reused when large enough."""
     buffer = _mask_buffer(arr.size, buffer)
     (np.greater_equal if inclusive else np.greater)(arr, arr.dtype.type(bound), out=buffer[: arr.size])
-    return torch.from_numpy(_set_positions(buffer, arr.size))
+    return _set_positions(buffer, arr.size)
 
 
 def _mask_buffer(size: int, buffer: np.ndarray | None = None) -> np.ndarray:
@@ -225,28 +229,27 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     gradient, center = flat.numpy(), mean.numpy()
     indices, values = _candidates(gradient, float(center), float(low), work)
     _, _, d, mask = work.candidates(gradient.dtype, values.size, values.size)
-    d = np.abs(
-        np.subtract(values, center, out=d[: values.size]), out=d[: values.size]
-    )  # as a full pass would
+    d = d[: values.size]
+    np.abs(np.subtract(values, center, out=d), out=d)  # |g - mean| exactly as a full pass computes it
     below = n - int(np.count_nonzero(d >= low))  # entries under the bound, exactly
     if low == high:  # a run of ties straddles the quantile (e.g. the zero taps of 3x3 kernels on 1x1 maps)
         at_most_high = n - int(np.count_nonzero(d > low))
         if below <= lo and hi < at_most_high:  # both order statistics are the tied value
-            keep = _set_positions(_compare(d, low, mask), d.size)
-            return torch.from_numpy(indices.take(keep)), torch.from_numpy(values.take(keep))
+            return _candidates_above(indices, values, d, low, mask)
         return _kept_exact(flat, mean, q)
     if below > lo:
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
     threshold = torch.lerp(*adjacent_order_statistics(torch.from_numpy(d), lo - (n - d.size)), frac)
-    keep = _set_positions(_compare(d, threshold.item(), mask), d.size)
+    return _candidates_above(indices, values, d, threshold.item(), mask)
+
+
+def _candidates_above(
+    indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, mask: np.ndarray
+) -> Kept:
+    """The candidates whose |g - mean| is above ``bound``, copied out of the reused buffers."""
+    keep = _positions_above(d, bound, buffer=mask)
     return torch.from_numpy(indices.take(keep)), torch.from_numpy(values.take(keep))
-
-
-def _compare(values: np.ndarray, bound, buffer: np.ndarray) -> np.ndarray:
-    """``values > bound`` in ``buffer``, ready for ``_set_positions``."""
-    np.greater(values, values.dtype.type(bound), out=buffer[: values.size])
-    return buffer
 
 
 def kept_on_cpu(grads: list[torch.Tensor], q: float, means: list[torch.Tensor]) -> list[Kept]:
