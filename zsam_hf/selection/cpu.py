@@ -130,28 +130,27 @@ class _Workspace:
     """
 
     def __init__(self):
-        self.mask = _mask_buffer(CHUNK)
-        self.below = np.empty(CHUNK, dtype=bool)
-        self._buffers: dict[np.dtype, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.mask = _mask_buffer(CHUNK)  # g >= upper, then the union (with _set_positions' scratch)
+        self.low_side = np.empty(CHUNK, dtype=bool)  # g <= lower
+        self._candidates: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
+        self._deviations: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
 
-    def candidates(self, dtype: np.dtype, needed: int, kept: int = 0):
-        """Buffers for ``needed`` candidates: indices, values, deviations and a mask buffer.
+    def candidates(self, dtype: np.dtype, needed: int, kept: int) -> tuple[np.ndarray, np.ndarray]:
+        """Index and value buffers of at least ``needed`` entries, the first ``kept`` preserved."""
+        indices, values = self._candidates.get(dtype, (np.empty(0, dtype=np.int64), np.empty(0, dtype=dtype)))
+        if values.size < needed:
+            size = max(needed, 2 * values.size)
+            grown = np.empty(size, dtype=np.int64), np.empty(size, dtype=dtype)
+            grown[0][:kept], grown[1][:kept] = indices[:kept], values[:kept]
+            indices, values = self._candidates[dtype] = grown
+        return indices, values
 
-        The first ``kept`` indices and values are preserved when the buffers grow.
-        """
-        buffers = self._buffers.get(dtype)
-        if buffers is None or buffers[0].size < needed:
-            size = max(needed, 2 * buffers[0].size if buffers else 0)
-            indices, values = np.empty(size, dtype=np.int64), np.empty(size, dtype=dtype)
-            if buffers:
-                indices[:kept], values[:kept] = buffers[0][:kept], buffers[1][:kept]
-            buffers = self._buffers[dtype] = (
-                indices,
-                values,
-                np.empty(size, dtype=dtype),
-                _mask_buffer(size),
-            )
-        return buffers
+    def deviations(self, dtype: np.dtype, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """A buffer for ``size`` deviations and a mask buffer (``_mask_buffer``) for as many."""
+        d, mask = self._deviations.get(dtype, (np.empty(0, dtype=dtype), None))
+        if d.size < size:
+            d, mask = self._deviations[dtype] = np.empty(size, dtype=dtype), _mask_buffer(size)
+        return d[:size], mask
 
 
 _workspaces = threading.local()
@@ -210,11 +209,11 @@ def _candidates(
         part = gradient[start : start + CHUNK]
         size = part.size
         np.greater_equal(part, upper, out=work.mask[:size])
-        np.less_equal(part, lower, out=work.below[:size])
-        np.bitwise_or(work.mask[:size], work.below[:size], out=work.mask[:size])
+        np.less_equal(part, lower, out=work.low_side[:size])
+        np.bitwise_or(work.mask[:size], work.low_side[:size], out=work.mask[:size])
         found = _set_positions(work.mask, size, sparse=True)
         end = count + found.size
-        indices, values, _, _ = work.candidates(gradient.dtype, end, count)
+        indices, values = work.candidates(gradient.dtype, end, count)
         np.add(found, start, out=indices[count:end])
         np.take(part, found, out=values[count:end], mode="clip")
         count = end
@@ -228,8 +227,7 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     low, high = _bracket(_sample(flat, mean), q)
     gradient, center = flat.numpy(), mean.numpy()
     indices, values = _candidates(gradient, float(center), float(low), work)
-    _, _, d, mask = work.candidates(gradient.dtype, values.size, values.size)
-    d = d[: values.size]
+    d, mask = work.deviations(gradient.dtype, values.size)
     np.abs(np.subtract(values, center, out=d), out=d)  # |g - mean| exactly as a full pass computes it
     below = n - int(np.count_nonzero(d >= low))  # entries under the bound, exactly
     if low == high:  # a run of ties straddles the quantile (e.g. the zero taps of 3x3 kernels on 1x1 maps)
