@@ -13,6 +13,7 @@ Which entries survive the z-score filter is decided in ``selection.py``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -208,7 +209,7 @@ def _kept_while_finite(grads: list[torch.Tensor], quantile: float) -> list[Kept]
     kept = []
     for g in grads:
         mean = gradient_mean(g)
-        if not bool(torch.isfinite(mean)):
+        if not math.isfinite(mean.item()):
             return None
         kept.extend(kept_entries_many([g], quantile, [mean]))
     return kept

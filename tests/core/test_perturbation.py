@@ -279,6 +279,37 @@ def test_torch_only_order_statistics_match_numpy(n, monkeypatch):
         assert (lower.item(), upper.item()) == (ordered[rank], ordered[min(rank + 1, n - 1)])
 
 
+@pytest.mark.parametrize("n", [1, 2, 10, 4096, 4097, 70_000, 300_001])
+@pytest.mark.parametrize("ties", ["none", "half at one value", "few values"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_order_statistics_match_a_sort(n, ties, dtype, monkeypatch):
+    """NumPy's partition (integer keys for non-negative values) or a sort, against a full sort."""
+    from zsam_hf.selection import order_statistics
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 1e-3).astype(dtype)
+    if ties == "half at one value":
+        x[rng.random(n) < 0.5] = dtype(2e-4)
+    elif ties == "few values":
+        x = rng.integers(-3, 4, n).astype(dtype)
+    x[: min(n, 3)] = [0.0, np.finfo(dtype).smallest_subnormal, -0.0][: min(n, 3)]
+    sorts: list[int] = []
+    real_sort = np.sort
+    monkeypatch.setattr(
+        np, "sort", lambda a, *args, **kw: sorts.append(np.size(a)) or real_sort(a, *args, **kw)
+    )
+    for values, nonnegative in [(x, False), (np.abs(x), True)]:
+        ordered = real_sort(values)
+        for rank in sorted({0, n // 2, int(0.95 * (n - 1)), n - 2, n - 1} - {-1}):
+            sorts.clear()
+            lower, upper = order_statistics.adjacent_in_array(values, rank, nonnegative)
+            assert (lower, upper) == (ordered[rank], ordered[min(rank + 1, n - 1)])
+            assert lower.dtype == upper.dtype == values.dtype
+            tied = n > order_statistics.SORT_ON_CPU and ties != "none"
+            if n > order_statistics.SORT_ON_CPU:  # the probe is sorted; the whole array only when tied
+                assert (max(sorts) == n) == tied, (sorts, ties)
+
+
 @pytest.mark.parametrize("n,q", [(1000, 0.95), (40_000, 0.9), (300_001, 0.99), (77, 0.5)])
 def test_mask_against_torch_quantile_itself(n, q):
     """The literal definition: torch.quantile (linear interpolation) on |z| in float64, strict >."""

@@ -26,7 +26,7 @@ import threading
 import numpy as np
 import torch
 
-from .order_statistics import Kept, adjacent_order_statistics, as_float, quantile_ranks
+from .order_statistics import Kept, adjacent_in_array, as_float, coprime_stride, quantile_ranks
 
 # Largest sample drawn to bracket a quantile; tensors up to SMALL_TENSOR take an exact selection.
 MAX_SAMPLE = 1 << 16
@@ -34,8 +34,6 @@ BRACKET_SIGMAS = 3.5
 SMALL_TENSOR = 1 << 16
 # Entries compared at a time: the chunk and its masks stay in a core's L2 cache for the gathers.
 CHUNK = 1 << 17
-# Sample strides avoid these primes, so a sample never locks onto a kernel's row or tap.
-_SMALL_PRIMES = 2 * 3 * 5 * 7
 
 
 def positions_above(values: torch.Tensor, bound, inclusive: bool = False, buffer: np.ndarray | None = None):
@@ -87,8 +85,11 @@ def _set_positions(buffer: np.ndarray, size: int, sparse: bool = False) -> np.nd
 
 def _round_toward(value: float, dtype: np.dtype, direction: float) -> np.floating:
     """``value`` rounded to ``dtype`` toward ``direction`` (-inf or +inf)."""
-    with np.errstate(over="ignore"):
+    if abs(value) <= np.finfo(dtype).max:
         rounded = dtype.type(value)
+    else:  # beyond the dtype's range: rounds to an infinity
+        with np.errstate(over="ignore"):
+            rounded = dtype.type(value)
     if rounded > value if direction < 0 else rounded < value:
         rounded = np.nextafter(rounded, dtype.type(direction))
     return rounded
@@ -111,12 +112,17 @@ def _outside_bounds(mean: float, low: float, dtype: np.dtype) -> tuple[np.floati
     )
 
 
+def _quantile_of_deviations(d: np.ndarray, rank: int, frac: float) -> float:
+    """The interpolated quantile between order statistics ``rank`` and ``rank + 1`` of |g - mean|."""
+    pair = torch.from_numpy(np.array(adjacent_in_array(d, rank, nonnegative=True)))
+    return torch.lerp(pair[0], pair[1], frac).item()
+
+
 def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
     """A full selection on |g - mean|: small tensors, and the fallback when a bound misses."""
     deviation = (flat - mean).abs_()
     (lo, _), frac = quantile_ranks(flat.numel(), q)
-    threshold = torch.lerp(*adjacent_order_statistics(deviation, lo), frac)
-    kept = positions_above(deviation, threshold)
+    kept = positions_above(deviation, _quantile_of_deviations(deviation.numpy(), lo, frac))
     return kept, flat.gather(0, kept)
 
 
@@ -162,14 +168,6 @@ def _workspace() -> _Workspace:
     return _workspaces.work
 
 
-def _coprime_stride(stride: int) -> int:
-    """The first stride >= ``stride`` sharing no factor with 2, 3, 5 or 7."""
-    stride = max(stride, 1)
-    while math.gcd(stride, _SMALL_PRIMES) != 1:
-        stride += 1
-    return stride
-
-
 def _sample(flat: torch.Tensor, mean: torch.Tensor) -> np.ndarray:
     """|g - mean| at evenly strided positions: n^(2/3) of them, at most MAX_SAMPLE.
 
@@ -179,7 +177,7 @@ def _sample(flat: torch.Tensor, mean: torch.Tensor) -> np.ndarray:
     stride is coprime with small kernel sizes.
     """
     n = flat.numel()
-    stride = _coprime_stride(n // min(MAX_SAMPLE, int(n ** (2 / 3))))
+    stride = coprime_stride(n // min(MAX_SAMPLE, int(n ** (2 / 3))))
     return (flat[stride // 2 :: stride] - mean).abs_().numpy()
 
 
@@ -205,6 +203,7 @@ def _candidates(
     """
     lower, upper = _outside_bounds(mean, low, gradient.dtype)
     count = 0
+    indices, values = work.candidates(gradient.dtype, 0, 0)
     for start in range(0, gradient.size, CHUNK):
         part = gradient[start : start + CHUNK]
         size = part.size
@@ -213,7 +212,8 @@ def _candidates(
         np.bitwise_or(work.mask[:size], work.low_side[:size], out=work.mask[:size])
         found = _set_positions(work.mask, size, sparse=True)
         end = count + found.size
-        indices, values = work.candidates(gradient.dtype, end, count)
+        if end > values.size:
+            indices, values = work.candidates(gradient.dtype, end, count)
         np.add(found, start, out=indices[count:end])
         np.take(part, found, out=values[count:end], mode="clip")
         count = end
@@ -238,8 +238,7 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     if below > lo:
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
-    threshold = torch.lerp(*adjacent_order_statistics(torch.from_numpy(d), lo - (n - d.size)), frac)
-    return _candidates_above(indices, values, d, threshold.item(), mask)
+    return _candidates_above(indices, values, d, _quantile_of_deviations(d, lo - (n - d.size), frac), mask)
 
 
 def _candidates_above(
