@@ -308,6 +308,11 @@ def test_cpu_order_statistics_match_a_sort(n, ties, dtype, monkeypatch):
             tied = n > order_statistics.SORT_ON_CPU and ties != "none"
             if n > order_statistics.SORT_ON_CPU:  # the probe is sorted; the whole array only when tied
                 assert (max(sorts) == n) == tied, (sorts, ties)
+            for hint in (True, False):  # a caller's hint picks the method, never the answer
+                assert order_statistics.adjacent_in_array(values, rank, nonnegative, tied=hint) == (
+                    lower,
+                    upper,
+                )
 
 
 @pytest.mark.parametrize("n,q", [(1000, 0.95), (40_000, 0.9), (300_001, 0.99), (77, 0.5)])

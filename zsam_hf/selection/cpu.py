@@ -26,7 +26,7 @@ import threading
 import numpy as np
 import torch
 
-from .order_statistics import Kept, adjacent_in_array, as_float, coprime_stride, quantile_ranks
+from .order_statistics import Kept, adjacent_in_array, as_float, coprime_stride, heavily_tied, quantile_ranks
 
 # Largest sample drawn to bracket a quantile; tensors up to SMALL_TENSOR take an exact selection.
 MAX_SAMPLE = 1 << 16
@@ -112,9 +112,10 @@ def _outside_bounds(mean: float, low: float, dtype: np.dtype) -> tuple[np.floati
     )
 
 
-def _quantile_of_deviations(d: np.ndarray, rank: int, frac: float) -> float:
-    """The interpolated quantile between order statistics ``rank`` and ``rank + 1`` of |g - mean|."""
-    pair = torch.from_numpy(np.array(adjacent_in_array(d, rank, nonnegative=True)))
+def _quantile_of_deviations(d: np.ndarray, rank: int, frac: float, tied: bool | None = None) -> float:
+    """The interpolated quantile between order statistics ``rank`` and ``rank + 1`` of |g - mean|
+    (``tied``: see ``adjacent_in_array``)."""
+    pair = torch.from_numpy(np.array(adjacent_in_array(d, rank, nonnegative=True, tied=tied)))
     return torch.lerp(pair[0], pair[1], frac).item()
 
 
@@ -181,17 +182,20 @@ def _sample(flat: torch.Tensor, mean: torch.Tensor) -> np.ndarray:
     return (flat[stride // 2 :: stride] - mean).abs_().numpy()
 
 
-def _bracket(sample: np.ndarray, q: float):
-    """Sample order statistics BRACKET_SIGMAS binomial rank deviations either side of q.
+def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bool]:
+    """Sample order statistics BRACKET_SIGMAS binomial rank deviations either side of q,
+    and whether the sample at and above the lower one is heavily tied.
 
     The lower one bounds the quantile from below; both equal means a run of tied values
-    straddles the quantile.  The sample is sorted (see ``adjacent_on_cpu`` on ties).
+    straddles the quantile.  The sample is sorted (robust to ties, see ``adjacent_in_array``),
+    and its part from the lower bound up says whether the candidates are tied.
     """
     m = sample.size
     centre = q * (m - 1)
     margin = int(BRACKET_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
     ordered = np.sort(sample)
-    return ordered[max(0, math.floor(centre) - margin)], ordered[min(m - 1, math.ceil(centre) + margin)]
+    first = max(0, math.floor(centre) - margin)
+    return ordered[first], ordered[min(m - 1, math.ceil(centre) + margin)], heavily_tied(ordered[first:])
 
 
 def _candidates(
@@ -224,7 +228,7 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     """Kept entries of a large tensor: a sampled bound, one collecting pass, a small selection."""
     n = flat.numel()
     (lo, hi), frac = quantile_ranks(n, q)
-    low, high = _bracket(_sample(flat, mean), q)
+    low, high, tied = _bracket(_sample(flat, mean), q)
     gradient, center = flat.numpy(), mean.numpy()
     indices, values = _candidates(gradient, float(center), float(low), work)
     d, mask = work.deviations(gradient.dtype, values.size)
@@ -238,7 +242,8 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     if below > lo:
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
-    return _candidates_above(indices, values, d, _quantile_of_deviations(d, lo - (n - d.size), frac), mask)
+    threshold = _quantile_of_deviations(d, lo - (n - d.size), frac, tied)
+    return _candidates_above(indices, values, d, threshold, mask)
 
 
 def _candidates_above(

@@ -48,29 +48,30 @@ def adjacent_on_cpu(
 
 
 def adjacent_in_array(
-    arr: np.ndarray, rank: int, nonnegative: bool = False
+    arr: np.ndarray, rank: int, nonnegative: bool = False, tied: bool | None = None
 ) -> tuple[np.floating, np.floating]:
     """``adjacent_on_cpu`` on a float32 or float64 NumPy array, returning NumPy scalars.
 
     NumPy's partition is an order of magnitude faster than ``torch.kthvalue`` on the CPU
     but slows down tenfold on heavy ties (the zero taps of a kernel), which its sort
-    shrugs off: a sorted probe of the array says which to run (the answer is the same).
-    Non-negative floats are ordered as their bit patterns read as integers, which NumPy
-    partitions twice as fast.
+    shrugs off.  ``tied`` says which to run, when the caller knows (the answer is the
+    same either way); else a sorted probe of the array decides.  Non-negative floats are
+    ordered as their bit patterns read as integers, which NumPy partitions twice as fast.
     """
     keys = arr.view(np.int32 if arr.itemsize == 4 else np.int64) if nonnegative else arr
-    keys = np.sort(keys) if _heavily_tied(keys) else np.partition(keys, rank)
+    if tied is None:
+        tied = keys.size <= SORT_ON_CPU or heavily_tied(
+            np.sort(keys[:: coprime_stride(keys.size // TIE_PROBE)])
+        )
+    keys = np.sort(keys) if tied else np.partition(keys, rank)
     upper = keys[rank + 1 :].min() if rank + 1 < keys.size else keys[rank]
     pair = np.array([keys[rank], upper], dtype=keys.dtype).view(arr.dtype)
     return pair[0], pair[1]
 
 
-def _heavily_tied(arr: np.ndarray) -> bool:
-    """Whether a sort should select in ``arr``: small arrays, or many equal neighbours in a sorted probe."""
-    if arr.size <= SORT_ON_CPU:
-        return True
-    probe = np.sort(arr[:: coprime_stride(arr.size // TIE_PROBE)])
-    return np.count_nonzero(probe[1:] == probe[:-1]) > TIED_SHARE * probe.size
+def heavily_tied(ordered: np.ndarray) -> bool:
+    """Whether a sorted sample of an array has so many equal neighbours that a sort beats a partition."""
+    return np.count_nonzero(ordered[1:] == ordered[:-1]) > TIED_SHARE * ordered.size
 
 
 def coprime_stride(stride: int) -> int:
