@@ -246,7 +246,7 @@ class AppliedPerturbation:
         """Write w back from the saved originals (no w + e - e rounding)."""
         for p, saved in zip(self.params, self.saved):
             if isinstance(saved, SparseOffset):
-                p.view(-1).index_copy_(0, saved.indices, saved.values)
+                p.put_(saved.indices, saved.values)
             else:
                 p.copy_(saved)
         self.params, self.saved = [], []
@@ -274,9 +274,10 @@ def apply_offsets(
     dense_params, dense_offsets, dense_backups = [], [], []
     for i, (p, offset) in enumerate(zip(params, offsets)):
         if isinstance(offset, SparseOffset) and p.is_contiguous():
-            flat = p.view(-1)
-            original = flat.gather(0, offset.indices)  # faster than index_select on a CPU
-            flat.index_copy_(0, offset.indices, original + offset.values.to(p.dtype))
+            original = p.take(
+                offset.indices
+            )  # take/put_: flat indexing, faster than gather/index_copy_ on a CPU
+            p.put_(offset.indices, original + offset.values.to(p.dtype))
             applied.params.append(p)
             applied.saved.append(SparseOffset(offset.indices, original))
             continue

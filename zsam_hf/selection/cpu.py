@@ -124,7 +124,7 @@ def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
     deviation = (flat - mean).abs_()
     (lo, _), frac = quantile_ranks(flat.numel(), q)
     kept = positions_above(deviation, _quantile_of_deviations(deviation.numpy(), lo, frac))
-    return kept, flat.gather(0, kept)
+    return kept, flat.take(kept)
 
 
 class _Workspace:
