@@ -274,9 +274,8 @@ def apply_offsets(
     dense_params, dense_offsets, dense_backups = [], [], []
     for i, (p, offset) in enumerate(zip(params, offsets)):
         if isinstance(offset, SparseOffset) and p.is_contiguous():
-            original = p.take(
-                offset.indices
-            )  # take/put_: flat indexing, faster than gather/index_copy_ on a CPU
+            # take/put_ index the flat tensor: faster than gather/index_copy_ on a CPU
+            original = p.take(offset.indices)
             p.put_(offset.indices, original + offset.values.to(p.dtype))
             applied.params.append(p)
             applied.saved.append(SparseOffset(offset.indices, original))

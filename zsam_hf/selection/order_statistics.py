@@ -33,16 +33,10 @@ def quantile_ranks(n: int, q: float) -> tuple[tuple[int, int], float]:
     return (lo, min(lo + 1, n - 1)), pos - lo
 
 
-def adjacent_on_cpu(
-    values: torch.Tensor, rank: int, nonnegative: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order statistics ``rank`` and ``rank + 1`` through NumPy's vectorized partition or sort.
-
-    ``nonnegative`` says no entry is negative or NaN (deviations |g - mean| of a finite
-    gradient): see ``adjacent_in_array``.
-    """
+def adjacent_on_cpu(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order statistics ``rank`` and ``rank + 1`` through NumPy's vectorized partition or sort."""
     exact = values if values.dtype in (torch.float32, torch.float64) else values.float()
-    lower, upper = adjacent_in_array(exact.contiguous().numpy(), rank, nonnegative)
+    lower, upper = adjacent_in_array(exact.contiguous().numpy(), rank)
     pair = torch.tensor([lower, upper], dtype=exact.dtype).to(values.dtype)
     return pair[0], pair[1]
 
