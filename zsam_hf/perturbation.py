@@ -246,7 +246,7 @@ class AppliedPerturbation:
         """Write w back from the saved originals (no w + e - e rounding)."""
         for p, saved in zip(self.params, self.saved):
             if isinstance(saved, SparseOffset):
-                p.put_(saved.indices, saved.values)
+                p.view(-1).index_put_((saved.indices,), saved.values)
             else:
                 p.copy_(saved)
         self.params, self.saved = [], []
@@ -274,9 +274,10 @@ def apply_offsets(
     dense_params, dense_offsets, dense_backups = [], [], []
     for i, (p, offset) in enumerate(zip(params, offsets)):
         if isinstance(offset, SparseOffset) and p.is_contiguous():
-            # take/put_ index the flat tensor: faster than gather/index_copy_ on a CPU
+            # take/index_put_: faster than gather/index_copy_ on a CPU (put_ would refuse
+            # torch.use_deterministic_algorithms, which index_put_ honours)
             original = p.take(offset.indices)
-            p.put_(offset.indices, original + offset.values.to(p.dtype))
+            p.view(-1).index_put_((offset.indices,), original + offset.values.to(p.dtype))
             applied.params.append(p)
             applied.saved.append(SparseOffset(offset.indices, original))
             continue

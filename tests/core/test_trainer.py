@@ -186,6 +186,29 @@ def test_step_where_no_parameter_has_a_gradient_does_not_crash(tmp_path):
     assert any("loss" in h for h in trainer.state.log_history)
 
 
+@pytest.mark.parametrize("variant", ["zsam", "sam"])
+def test_full_determinism_is_honoured(tmp_path, variant, monkeypatch):
+    """``full_determinism=True`` (torch.use_deterministic_algorithms): every op of the step has a
+    deterministic form, so training runs and the optimizer still gets grad L(w + e)."""
+    for name in ("CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG", "FLASH_ATTENTION_DETERMINISTIC"):
+        monkeypatch.delenv(name, raising=False)  # the Trainer sets them; undone after the test
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", torch.backends.cudnn.deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        model = TinyClassifier()
+        trainer, rec = train_recorded(
+            tmp_path, model, vector_dataset(12), sam_variant=variant, full_determinism=True, max_steps=2
+        )
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for step in range(2):
+        [(batch, _)] = micro_batches_of_step(trainer, step)
+        expected, _ = sam_gradient_by_hand(model, rec.start[step], batch, False, 1.0, variant)
+        assert_close_dicts(rec.pre_step_grads[step], expected, what=f"step {step}")
+
+
 # ---- criterion 11: unsupported backends -----------------------------------------------------
 @pytest.mark.parametrize(
     "settings,message",
