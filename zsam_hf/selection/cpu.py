@@ -87,7 +87,7 @@ def _round_toward(value: float, dtype: np.dtype, direction: float) -> np.floatin
     """``value`` rounded to ``dtype`` toward ``direction`` (-inf or +inf)."""
     if abs(value) <= np.finfo(dtype).max:
         rounded = dtype.type(value)
-    else:  # beyond the dtype's range: rounds to an infinity
+    else:  # beyond the dtype's largest value: may round to an infinity, which NumPy warns of
         with np.errstate(over="ignore"):
             rounded = dtype.type(value)
     if rounded > value if direction < 0 else rounded < value:

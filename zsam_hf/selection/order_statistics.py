@@ -34,7 +34,8 @@ def quantile_ranks(n: int, q: float) -> tuple[tuple[int, int], float]:
 
 
 def adjacent_on_cpu(values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order statistics ``rank`` and ``rank + 1`` through NumPy's vectorized partition or sort."""
+    """Order statistics ``rank`` and ``rank + 1`` through NumPy's vectorized partition or sort
+    (which of the two: see ``adjacent_in_array``)."""
     exact = values if values.dtype in (torch.float32, torch.float64) else values.float()
     lower, upper = adjacent_in_array(exact.contiguous().numpy(), rank)
     pair = torch.tensor([lower, upper], dtype=exact.dtype).to(values.dtype)
