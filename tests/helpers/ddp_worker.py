@@ -25,6 +25,8 @@ def main(out: Path) -> None:
             "world_size": dist.get_world_size(),
         }
         torch.save(record, out / f"sync{int(sync)}_rank{dist.get_rank()}.pt")
+    dist.barrier()
+    dist.destroy_process_group()  # a clean shutdown: gloo's threads are not left to interpreter exit
 
 
 if __name__ == "__main__":
