@@ -4,7 +4,7 @@ PYTHON ?= python3
 CONSTRAINTS ?= .ci/constraints.txt
 OLDEST_VENV ?= build/venv-oldest
 
-.PHONY: install system-data test test-oldest demo benchmark-step lint
+.PHONY: install system-data test test-oldest demo benchmark-step lint lock
 
 # Fashion-MNIST for the offline demo comes from Debian's dataset-fashion-mnist package.
 system-data:
@@ -35,3 +35,10 @@ benchmark-step: install
 lint:
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m ruff check .
+
+# CI's exact versions: the resolved closure of pyproject.toml's dependencies and every extra (dev pulls
+# them all in), for Python 3.11 on x86_64 Linux, with the torch pair CI has on disk.
+lock:
+	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+		--python-platform x86_64-unknown-linux-gnu -c .ci/lock-pins.txt \
+		--custom-compile-command "make lock" -o $(CONSTRAINTS) -q

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.modules.batchnorm import _NormBase
 from transformers import Trainer
 
+from . import checkpoint_dirs
 from .card import CardContext, build_model_card, task_of
 from .checkpoints import check_adapter_checkpoint, is_peft_model, load_checkpoint_weights
 from .config import ZSAMTrainingArguments
@@ -115,6 +116,8 @@ class ZSAMTrainer(Trainer):
         )
         self._sharpness_meter = _SharpnessMeter()
         self._sharpness_logged_step = 0
+        self._checkpoint_staging: str | None = None  # while a checkpoint is being staged
+        self._push_deferred = False
         # What the model card should say beyond the Trainer's state; scripts fill it in:
         # dataset, dataset_display, eval_split, base_model, command, license, tags.
         self.model_card_info: dict = {}
@@ -247,6 +250,90 @@ class ZSAMTrainer(Trainer):
         meter.reset()
         self._sharpness_logged_step = self.state.global_step
         return logs
+
+    # ---- checkpoints that appear whole or not at all (see checkpoint_dirs.py) -----------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """The Trainer's ``train``, resuming from the newest *complete* checkpoint.
+
+        ``resume_from_checkpoint=True`` skips (and names) checkpoints whose save was interrupted;
+        a named checkpoint that is missing, not a checkpoint or incomplete is refused before
+        training starts. Staging directories left by a killed save are removed.
+        """
+        resume = self._resolve_resume(resume_from_checkpoint)
+        return super().train(resume, *args, **kwargs)
+
+    def _resolve_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        output_dir = self.args.output_dir
+        if self.args.should_save:
+            for leftover in checkpoint_dirs.remove_leftovers(output_dir):
+                logger.warning("Removed %s: a checkpoint save that was interrupted.", leftover)
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            search = checkpoint_dirs.find_newest_complete(output_dir)
+            if self.is_world_process_zero():
+                for path, problems in search.skipped.items():
+                    logger.warning("Skipping incomplete checkpoint %s: %s", path, "; ".join(problems))
+            if search.newest is None:
+                skipped = f" (incomplete: {', '.join(search.skipped)})" if search.skipped else ""
+                raise checkpoint_dirs.IncompleteCheckpointError(
+                    f"resume_from_checkpoint=True, but output_dir={output_dir!r} holds no complete "
+                    f"checkpoint{skipped}. Leave resume_from_checkpoint unset to start from scratch."
+                )
+            logger.info("Resuming from %s, the newest complete checkpoint.", search.newest)
+            return search.newest
+        checkpoint = os.fspath(resume_from_checkpoint)
+        checkpoint_dirs.require_complete(checkpoint)
+        return checkpoint
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into a staging directory and renamed into place whole.
+
+        Every rank writes its part (RNG state, FSAM's average, FSDP2 shards) into the same staging
+        directory; after a barrier the process that owns the output directory flushes the files,
+        writes the manifest and renames; a second barrier keeps every rank behind the rename.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        step = self.state.global_step
+        owner = self.args.should_save
+        if owner:
+            checkpoint_dirs.prepare_staging(run_dir, step)
+        self.accelerator.wait_for_everyone()
+        root = checkpoint_dirs.staging_root(run_dir, step)
+        staged = os.path.join(root, checkpoint_dirs.checkpoint_name(step))
+        final = os.path.join(run_dir, checkpoint_dirs.checkpoint_name(step))
+        self._checkpoint_staging, self._push_deferred = root, False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.normpath(best) == os.path.normpath(staged):
+            self.state.best_model_checkpoint = final  # the state must name where it will live
+            if owner:
+                self.state.save_to_json(os.path.join(staged, checkpoint_dirs.TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if owner:
+            checkpoint_dirs.write_manifest(staged)
+            checkpoint_dirs.publish(run_dir, step)
+        self.accelerator.wait_for_everyone()
+        if self._push_deferred:
+            super()._push_from_checkpoint(final)
+        if owner:
+            checkpoint_dirs.rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is staged, the Trainer's own save code writes into the staging root.
+        if self._checkpoint_staging is not None:
+            return self._checkpoint_staging
+        return super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Pushed once the checkpoint is in place, never from the staging directory.
+        if self._checkpoint_staging is not None:
+            self._push_deferred = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
 
     # ---- checkpoints: weights restored whole; FSAM's EMA travels with the optimizer state --
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

@@ -18,6 +18,7 @@ from toy import TinyClassifier, image_dataset, make_args, text_dataset, tiny_ber
 
 import zsam_hf
 from zsam_hf import ZSAMTrainer
+from zsam_hf.checkpoint_dirs import MANIFEST_NAME, write_manifest
 from zsam_hf.checkpoints import CheckpointMismatchError
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
@@ -86,10 +87,13 @@ def _checkpoint_of(tmp_path, model, dataset) -> Path:
 
 
 def _editweights(checkpoint: Path, edit) -> None:
+    """Make ``checkpoint`` a complete checkpoint of another model (its manifest written anew)."""
     path = checkpoint / "model.safetensors"
     tensors = safetensors.torch.load_file(path)
     edit(tensors)
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    (checkpoint / MANIFEST_NAME).unlink()
+    write_manifest(str(checkpoint))
 
 
 @pytest.mark.parametrize("kind", ["vit", "module"])
@@ -165,6 +169,8 @@ def test_peft_checkpoint_missing_an_adapter_tensor_is_refused(tmp_path):
     victim = sorted(k for k in tensors if "lora_A" in k)[0]
     del tensors[victim]
     safetensors.torch.save_file(tensors, path)
+    (checkpoint / MANIFEST_NAME).unlink()
+    write_manifest(str(checkpoint))  # complete as files go, but an adapter tensor short
     trainer = ZSAMTrainer(
         model=_lora_bert(), args=make_args(tmp_path / "b", max_steps=4), train_dataset=text_dataset(16)
     )

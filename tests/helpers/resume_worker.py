@@ -12,9 +12,8 @@ import sys
 
 from toy import image_dataset, make_args, tiny_vit
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from zsam_hf import ZSAMTrainer
+from zsam_hf import ZSAMTrainer, last_complete_checkpoint
 
 
 class KillAfterSave(TrainerCallback):
@@ -32,7 +31,7 @@ def main(out: str, kill_after: int | None) -> None:
     trainer = ZSAMTrainer(model=model, args=args, train_dataset=image_dataset(48, seed=3))
     if kill_after is not None:
         trainer.add_callback(KillAfterSave(kill_after))
-    trainer.train(resume_from_checkpoint=get_last_checkpoint(out) if os.path.isdir(out) else None)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(out))
     trainer.save_model(os.path.join(out, "final"))
 
 

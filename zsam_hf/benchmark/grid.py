@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoint_dirs import last_complete_checkpoint
 from ..config import ZSAMTrainingArguments
 from ..vision.image_classification import DataArguments, ModelArguments, build_trainer
 
@@ -211,7 +211,7 @@ def run_one(
     trainer.lr_scheduler = released_code_schedule(trainer.optimizer, steps_per_epoch, budget)
 
     start = time.perf_counter()
-    checkpoint = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    checkpoint = last_complete_checkpoint(run_dir)
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
     final = trainer.evaluate(full_test, metric_key_prefix="final")

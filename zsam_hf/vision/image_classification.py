@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass, field
 
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..card import redact_command
+from ..checkpoint_dirs import last_complete_checkpoint, require_complete
 from ..config import ZSAMTrainingArguments
 from ..trainer import ZSAMTrainer
 from .data import (
@@ -227,6 +227,29 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     return trainer, test, columns.names
 
 
+def _checkpoint_to_resume(requested: str | None, output_dir: str, existed: bool) -> str | bool | None:
+    """What to resume from, decided before any data or model is loaded.
+
+    A named checkpoint must be complete (else SetupError naming what is missing); "true" takes the
+    newest complete one; unset, a re-run of the same command into an existing output_dir resumes
+    from its newest complete checkpoint (an interrupted save is skipped, with a warning).
+    """
+    if requested is not None and str(requested).lower() == "true":
+        return True
+    if requested is not None:
+        try:
+            require_complete(requested)
+        except ValueError as err:
+            raise SetupError(str(err)) from err
+        return requested
+    checkpoint = last_complete_checkpoint(output_dir) if existed else None
+    if checkpoint is not None:
+        logger.warning(
+            "Resuming from %s (found in output_dir; pass a new --output_dir to start over).", checkpoint
+        )
+    return checkpoint
+
+
 def run(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -237,6 +260,7 @@ def run(
     set_seed(training_args.seed)
     output_dir = training_args.output_dir
     existed = os.path.exists(output_dir)
+    checkpoint = _checkpoint_to_resume(training_args.resume_from_checkpoint, output_dir, existed)
     try:
         trainer, test, labels = build_trainer(model_args, data_args, training_args)
     except Exception as err:
@@ -246,13 +270,6 @@ def run(
             raise SetupError(str(err)) from err
         raise
     trainer.model_card_info["command"] = redact_command(["python", *(argv if argv is not None else sys.argv)])
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and existed and os.path.isdir(output_dir):
-        checkpoint = get_last_checkpoint(output_dir)
-        if checkpoint is not None:
-            logger.warning(
-                "Resuming from %s (found in output_dir; pass a new --output_dir to start over).", checkpoint
-            )
 
     metrics: dict[str, float] = {}
     train_result = trainer.train(resume_from_checkpoint=checkpoint)
