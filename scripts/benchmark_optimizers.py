@@ -9,6 +9,12 @@ StepLR(30, 0.75), 200 epochs, rho 0.05, ASAM rho 0.5, Q_p 0.95); scale them down
 
 Re-running the same command skips finished runs and resumes a run killed halfway.  On a
 machine with a GPU the same command uses it.
+
+``--study separation`` runs the regimes where the SAM family is documented to separate from
+the base optimizer: symmetric label noise (``--label_noise``, clean test set) and small
+training sets trained to overfitting (``--small_data``), with the Hessian's top eigenvalue and
+trace of every trained model; the runs are ordered seed by seed, so a grid stopped early
+holds whole seeds. ``--shard K/N`` lets N processes share one grid.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import time
 import torch
 import transformers
 
-from zsam_hf.benchmark.grid import VARIANTS, Budget, RunSpec, load_results, run_grid
+from zsam_hf.benchmark.grid import VARIANTS, Budget, HessianBudget, RunSpec, load_results, run_grid
 from zsam_hf.benchmark.report import (
     cost_table,
     plot_accuracy,
@@ -34,6 +40,7 @@ from zsam_hf.benchmark.report import (
     plot_sensitivity,
     write_tables,
 )
+from zsam_hf.benchmark.separation import write_separation_report
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -66,6 +73,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--step_epochs", type=float, default=30)
     p.add_argument("--gamma", type=float, default=0.75)
     p.add_argument(
+        "--schedule", choices=["released", "cosine"], default="released",
+        help="after the warm-up: the released code's StepLR, or cosine decay to 0",
+    )  # fmt: skip
+    p.add_argument("--no_augment", action="store_true", help="train without random crop and flip")
+    p.add_argument(
         "--rho", type=float, default=None, help="rho for sam/fsam/zsam (default 0.05; ASAM keeps 0.5)"
     )
     p.add_argument("--quantile", type=float, default=0.95)
@@ -84,11 +96,43 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--report_only", action="store_true", help="only rebuild tables and plots from results.jsonl"
     )
-    return p.parse_args(argv)
+    p.add_argument("--study", choices=["grid", "separation"], default="grid")
+    p.add_argument("--label_noise", nargs="*", type=float, default=[0.0, 0.2, 0.4, 0.6])
+    p.add_argument(
+        "--noise_extra_level",
+        type=float,
+        default=0.4,
+        help="the noise level that also runs --noise_extra_variants",
+    )
+    p.add_argument(
+        "--noise_extra_variants",
+        nargs="*",
+        default=["fsam", "zsam-global-start0.5", "zsam-global-start0.75", "zsam-global-k2"],
+        choices=list(VARIANTS),
+    )
+    p.add_argument("--small_data", nargs="*", type=int, default=[1000, 4000], help="clean training subsets")
+    p.add_argument("--small_data_epochs", nargs="*", type=float, default=[24, 12], help="epochs per subset")
+    p.add_argument(
+        "--hessian_samples", type=int, default=0, help="clean training images for the Hessian figures"
+    )
+    p.add_argument("--hessian_iterations", type=int, default=20)
+    p.add_argument("--trace_samples", type=int, default=10)
+    p.add_argument("--shard", default="0/1", help="K/N: run every N-th spec, starting at the K-th")
+    args = p.parse_args(argv)
+    k, _, n = args.shard.partition("/")
+    if not (k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+        p.error(f"--shard {args.shard!r} is invalid: expected K/N with 0 <= K < N, e.g. 0/2")
+    args.shard = (int(k), int(n))
+    if len(args.small_data_epochs) != len(args.small_data):
+        p.error("--small_data_epochs needs one value per --small_data subset")
+    return args
 
 
-def _budget(args, epochs: float, max_train_samples: int | None) -> Budget:
+def _budget(args, epochs: float, max_train_samples: int | None, label_noise: float = 0.0) -> Budget:
     return Budget(
+        label_noise=label_noise,
+        schedule=args.schedule,
+        augment=not args.no_augment,
         dataset_name=args.dataset_name,
         epochs=epochs,
         max_train_samples=max_train_samples,
@@ -105,7 +149,28 @@ def _budget(args, epochs: float, max_train_samples: int | None) -> Budget:
     )
 
 
+def separation_specs(args) -> list[RunSpec]:
+    """Label noise x variants and small data x variants, seed by seed (a stopped grid holds whole seeds)."""
+    specs = []
+    for seed in args.seeds:
+        for model in args.models:
+            for level in args.label_noise:
+                budget = _budget(args, args.epochs, args.max_train_samples, label_noise=level)
+                variants = list(args.variants)
+                if level == args.noise_extra_level:
+                    variants += [v for v in args.noise_extra_variants if v not in variants]
+                specs += [RunSpec(model, v, seed, budget, group=f"noise{level:g}") for v in variants]
+    for seed in args.seeds:  # the small sets after every seed of the noise grid
+        for model in args.models:
+            for samples, epochs in zip(args.small_data, args.small_data_epochs):
+                budget = _budget(args, epochs, samples)
+                specs += [RunSpec(model, v, seed, budget, group=f"small{samples}") for v in args.variants]
+    return specs
+
+
 def specs_for(args) -> list[RunSpec]:
+    if args.study == "separation":
+        return separation_specs(args)
     per_model = dict(item.split("=", 1) for item in args.model_max_train_samples)
     specs = []
     for model in args.models:
@@ -140,9 +205,33 @@ def budget_text(args, specs: list[RunSpec]) -> str:
     )
 
 
+def separation_budget_text(args, specs: list[RunSpec]) -> str:
+    return (
+        f"Dataset {args.dataset_name}; {len(specs)} runs: models {args.models}, variants {args.variants} at label "
+        f"noise {args.label_noise} ({args.max_train_samples or 'all'} training images, {args.epochs:g} epochs; "
+        f"at {args.noise_extra_level:g} also {args.noise_extra_variants}) and on clean subsets {args.small_data} "
+        f"({args.small_data_epochs} epochs); seeds {args.seeds}; batch {args.batch_size}; Adam lr "
+        f"{args.learning_rate:g}, L2 {args.weight_decay:g}; warm-up {args.warmup_epochs:g} epochs then "
+        + (
+            "cosine decay to 0"
+            if args.schedule == "cosine"
+            else f"x{args.gamma:g} every {args.step_epochs:g} epochs"
+        )
+        + ("; no augmentation" if args.no_augment else "; the script's crop and flip augmentation")
+        + f"; per-epoch curves on {args.eval_samples_per_epoch or 'all'} test images, the final test on all of them; "
+        f"Hessian on {args.hessian_samples} clean training images ({args.hessian_iterations} power iterations at "
+        f"most, {args.trace_samples} Hutchinson samples); device {'cuda' if torch.cuda.is_available() else 'cpu'} "
+        f"({torch.get_num_threads()} threads). Command: python {shlex.join(sys.argv)}"
+    )
+
+
 def report(args, specs: list[RunSpec], records: list[dict]) -> str:
     keys = {s.key() for s in specs}
     records = [r for r in records if r["key"] in keys]
+    if args.study == "separation":
+        return write_separation_report(
+            records, args.output_dir, args.variants, separation_budget_text(args, specs)
+        )
     variants = list(args.variants)  # the order the command line gave
     text = write_tables(records, args.output_dir, variants, budget_text(args, specs))
     plot_accuracy(records, os.path.join(args.output_dir, "test_accuracy.png"), variants)
@@ -162,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     os.makedirs(args.output_dir, exist_ok=True)
     specs = specs_for(args)
+    text = separation_budget_text(args, specs) if args.study == "separation" else budget_text(args, specs)
     with open(os.path.join(args.output_dir, "budget.json"), "w") as f:
-        json.dump({"args": vars(args), "budget": budget_text(args, specs)}, f, indent=1)
-    print(budget_text(args, specs), flush=True)
+        json.dump({"args": vars(args), "budget": text}, f, indent=1)
+    print(text, flush=True)
     if args.report_only:
         records = load_results(os.path.join(args.output_dir, "results.jsonl"))
     else:
@@ -176,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             args.flatness_directions,
             args.flatness_samples,
             log=lambda m: print(f"{time.time() - start:7.0f}s {m}", flush=True),
+            hessian=HessianBudget(
+                args.hessian_samples, args.hessian_iterations, trace_samples=args.trace_samples
+            ),
+            shard=args.shard,
         )
     print(report(args, specs, records))
     return 0

@@ -31,8 +31,11 @@ class ZSAMTrainingArguments(TrainingArguments):
         sam_variant: "zsam" (default), "sam", "asam", "fsam" or "none" (the plain Trainer step).
         sam_rho: radius of the ascent step; None picks the variant's default
             (0.05 for zsam/sam/fsam, 0.5 for asam).
-        sam_interval: the two-pass step runs on optimizer steps whose index is a multiple of
-            this (default 1: every step); the others are the plain Trainer step.
+        sam_interval: the two-pass step runs on every this-many-th optimizer step (default 1:
+            every step), counted from ``sam_start``; the others are the plain Trainer step.
+        sam_start: the two-pass step only from this optimizer step on: a whole number (a step
+            index, default 0), or a fraction in (0, 1) of the run's optimizer steps (0.75: the
+            last quarter, "late-phase SAM").
         sam_sync_ascent: all-reduce the ascent gradient across replicas. Unset (None): each DDP
             replica perturbs with its own gradient, as in the SAM paper; under FSDP2 the ascent
             gradient is the averaged one (the only possibility), and False is refused.
@@ -74,6 +77,14 @@ class ZSAMTrainingArguments(TrainingArguments):
         metadata={
             "help": "Run the two-pass sharpness-aware step on optimizer steps whose index is a multiple of "
             "this (1 = every step); the other steps are the plain Trainer step."
+        },
+    )
+    sam_start: float = field(
+        default=0,
+        metadata={
+            "help": "Take the two-pass step only from this optimizer step on: a whole number (a step index; "
+            "0 = from the start) or a fraction in (0, 1) of the run's total optimizer steps (0.75 = the "
+            "last quarter, late-phase SAM). Composes with sam_interval, counted from this step."
         },
     )
     sam_sync_ascent: bool | None = field(
@@ -118,6 +129,18 @@ class ZSAMTrainingArguments(TrainingArguments):
             or self.sam_interval < 1
         ):
             raise _invalid("sam_interval", self.sam_interval, "expected a whole number >= 1 (1 = every step)")
+        if (
+            not _is_number(self.sam_start)
+            or self.sam_start < 0
+            or (self.sam_start >= 1 and self.sam_start != int(self.sam_start))
+        ):
+            raise _invalid(
+                "sam_start",
+                self.sam_start,
+                "expected a whole number of optimizer steps >= 0, or a fraction of the run in (0, 1)",
+            )
+        if self.sam_start >= 1:
+            self.sam_start = int(self.sam_start)  # "--sam_start 500" parses as 500.0
         if self.sam_sync_ascent is not None and not isinstance(self.sam_sync_ascent, bool):
             raise _invalid("sam_sync_ascent", self.sam_sync_ascent, "expected True, False or None (unset)")
 
@@ -128,13 +151,22 @@ class ZSAMTrainingArguments(TrainingArguments):
         state["hub_token"] = None
         return state
 
+    def sam_start_step(self, max_steps: int) -> int:
+        """The first optimizer step that takes the two-pass step, in a run of ``max_steps`` steps."""
+        if 0 < self.sam_start < 1:
+            return math.ceil(self.sam_start * max_steps)
+        return int(self.sam_start)
+
     def sam_hyperparameters(self) -> dict:
         """The SAM-family settings that matter for this variant (for cards and logs)."""
         params = {"sam_variant": self.sam_variant}
         if self.sam_variant == "none":
             return params
         params.update(
-            sam_rho=self.sam_rho, sam_interval=self.sam_interval, sam_sync_ascent=self.sam_sync_ascent
+            sam_rho=self.sam_rho,
+            sam_interval=self.sam_interval,
+            sam_start=self.sam_start,
+            sam_sync_ascent=self.sam_sync_ascent,
         )
         if self.sam_variant == "zsam":
             params.update(zsam_quantile=self.zsam_quantile, zsam_normalization=self.zsam_normalization)

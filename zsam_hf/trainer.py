@@ -163,10 +163,14 @@ class ZSAMTrainer(Trainer):
     def is_sharpness_step(self) -> bool:
         """Whether the optimizer step being computed takes the two-pass step.
 
-        Every ``sam_interval``-th optimizer step (0, k, 2k, ...), all its micro-batches; a pure
-        function of ``state.global_step``, so a resumed run takes the same steps.
+        From step s = ``sam_start`` on (a fraction of ``state.max_steps`` rounded up), every
+        ``sam_interval``-th step (s, s + k, s + 2k, ...), all its micro-batches; a pure function of
+        ``state.global_step`` and ``state.max_steps``, so a resumed run takes the same steps.
         """
-        return self.args.sam_variant != "none" and self.state.global_step % self.args.sam_interval == 0
+        if self.args.sam_variant == "none":
+            return False
+        since_start = self.state.global_step - self.args.sam_start_step(self.state.max_steps)
+        return since_start >= 0 and since_start % self.args.sam_interval == 0
 
     def _trainable_parameters(self, model) -> tuple[list[str], list[torch.nn.Parameter]]:
         named = [

@@ -132,9 +132,9 @@ def test_a_run_killed_halfway_is_resumed_and_counted_once(tmp_path, monkeypatch)
     original = benchmark.build_trainer
 
     def build_and_kill(*args, **kwargs):
-        trainer, test, labels = original(*args, **kwargs)
-        trainer.add_callback(_KillAfterFirstSave())
-        return trainer, test, labels
+        built = original(*args, **kwargs)
+        built.trainer.add_callback(_KillAfterFirstSave())
+        return built
 
     monkeypatch.setattr(benchmark, "build_trainer", build_and_kill)
     with pytest.raises(KeyboardInterrupt):

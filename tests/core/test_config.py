@@ -47,6 +47,11 @@ def test_defaults_follow_the_paper(tmp_path):
         ("sam_interval", -3, "whole number >= 1"),
         ("sam_interval", 2.5, "whole number >= 1"),
         ("sam_interval", True, "whole number >= 1"),
+        ("sam_start", -1, "whole number of optimizer steps >= 0, or a fraction of the run in (0, 1)"),
+        ("sam_start", 1.5, "fraction of the run in (0, 1)"),
+        ("sam_start", float("nan"), "fraction of the run in (0, 1)"),
+        ("sam_start", True, "fraction of the run in (0, 1)"),
+        ("sam_start", "half", "fraction of the run in (0, 1)"),
     ],
 )
 def test_bad_values_name_field_value_and_what_is_allowed(tmp_path, field, value, allowed):
@@ -70,6 +75,8 @@ def test_flags_parse_from_command_line_and_json(tmp_path):
             "true",
             "--sam_interval",
             "5",
+            "--sam_start",
+            "500",
             "--use_cpu",
             "--report_to",
             "none",
@@ -77,6 +84,7 @@ def test_flags_parse_from_command_line_and_json(tmp_path):
     )
     assert (args.sam_variant, args.sam_rho, args.asam_eta, args.sam_sync_ascent) == ("asam", 0.5, 0.1, True)
     assert args.sam_interval == 5
+    assert args.sam_start == 500 and isinstance(args.sam_start, int)  # a step index, not 500.0
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"output_dir": str(tmp_path), "zsam_quantile": 0.9, "use_cpu": True}))
     (args,) = parser.parse_json_file(str(path))
@@ -92,6 +100,7 @@ def test_flags_parse_from_command_line_and_json(tmp_path):
         "--fsam_lambda",
         "--sam_sync_ascent",
         "--sam_interval",
+        "--sam_start",
     ):
         assert flag in help_text
 
@@ -101,6 +110,7 @@ def test_sam_hyperparameters_lists_what_the_variant_uses(tmp_path):
         "sam_variant": "zsam",
         "sam_rho": 0.05,
         "sam_interval": 1,
+        "sam_start": 0,
         "sam_sync_ascent": None,
         "zsam_quantile": 0.95,
         "zsam_normalization": "global",

@@ -117,3 +117,79 @@ def test_interval_under_bf16_autocast(tmp_path):
     [log] = [h for h in trainer.state.log_history if "loss" in h]
     assert log["sam_steps_fraction"] == 0.5 and log["perturbation_norm"] == pytest.approx(0.05, rel=1e-3)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- sam_start: the two-pass step only from a step, or a fraction of the run, on ----------------
+@pytest.mark.parametrize(
+    ("sam_start", "sam_interval", "expected"),
+    [(3, 1, [3, 4, 5, 6, 7]), (0.5, 1, [4, 5, 6, 7]), (0.75, 2, [6]), (0.3, 2, [3, 5, 7]), (2, 3, [2, 5])],
+)
+def test_sam_start_schedule_matches_the_reference(tmp_path, sam_start, sam_interval, expected):
+    """Every optimizer step hands the optimizer the reference gradient: grad L(w + e) on the steps of the
+    schedule (from ceil(sam_start * max_steps), or step sam_start, every sam_interval-th), grad L(w) before."""
+    model = TinyClassifier()
+    trainer, rec = train_recorded(
+        tmp_path, model, vector_dataset(64), sam_start=sam_start, sam_interval=sam_interval, max_steps=8
+    )
+    for step in range(8):
+        [(batch, _)] = micro_batches_of_step(trainer, step)
+        w0 = rec.start[step]
+        g_prime, _ = sam_gradient_by_hand(model, w0, batch, False, 1.0, "zsam")
+        plain = plain_gradient_by_hand(model, w0, batch, 1.0)
+        assert any(not torch.allclose(g_prime[n], plain[n], rtol=1e-3) for n in plain)  # they differ
+        if step in expected:
+            assert_close_dicts(rec.pre_step_grads[step], g_prime, what=f"two-pass step {step}")
+        else:
+            assert_close_dicts(rec.pre_step_grads[step], plain, what=f"plain step {step}")
+    assert trainer.args.sam_hyperparameters()["sam_start"] == sam_start
+    [log] = [h for h in trainer.state.log_history if "loss" in h][-1:]
+    assert log["sam_steps_fraction"] == float(7 in expected)  # the last log covers step 7 alone
+
+
+def test_fsam_average_starts_at_sam_start(tmp_path):
+    model = TinyClassifier()
+    trainer, rec = train_recorded(
+        tmp_path, model, vector_dataset(28), sam_variant="fsam", sam_start=0.5, sam_interval=2, max_steps=8
+    )
+    ema: dict = {}
+    names = list(rec.start[0])
+    for step in (4, 6):  # the average starts with the first two-pass step (m = g there)
+        [(batch, _)] = micro_batches_of_step(trainer, step)
+        w0 = rec.start[step]
+        g = plain_gradient_by_hand(model, w0, batch, 1.0)
+        reference_offsets("fsam", names, [w0[n] for n in names], [g[n] for n in names], 0.05, ema=ema)
+    for name in names:
+        torch.testing.assert_close(
+            trainer.perturbation.ema[name], torch.from_numpy(ema[name]).float(), rtol=1e-5, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("variant", ["zsam", "fsam"])
+@pytest.mark.parametrize("resume_at", [2, 6])  # before and after the start
+def test_resume_with_sam_start_ends_at_the_uninterrupted_weights(tmp_path, variant, resume_at):
+    def run(output_dir, resume=None):
+        model = TinyClassifier(batchnorm=True)
+        args = make_args(
+            tmp_path, output_dir=str(output_dir), sam_variant=variant, sam_start=0.5, sam_interval=2,
+            max_steps=9, save_strategy="steps", save_steps=resume_at, optim="adamw_torch", learning_rate=0.01,
+        )  # fmt: skip
+        ZSAMTrainer(model=model, args=args, train_dataset=vector_dataset(72)).train(
+            resume_from_checkpoint=resume
+        )
+        return {n: t.clone() for n, t in model.state_dict().items()}
+
+    straight = run(tmp_path / "straight")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / f"checkpoint-{resume_at}"))
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_sam_start_is_on_the_card(tmp_path):
+    trainer = ZSAMTrainer(
+        model=TinyClassifier(),
+        args=make_args(tmp_path, sam_start=0.75, max_steps=1),
+        train_dataset=vector_dataset(8),
+    )
+    trainer.train()
+    trainer.create_model_card()
+    assert "| sam_start | 0.75 |" in (tmp_path / "out" / "README.md").read_text()

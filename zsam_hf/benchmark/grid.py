@@ -23,6 +23,7 @@ from transformers.trainer_callback import PrinterCallback
 from ..checkpoint_dirs import last_complete_checkpoint
 from ..config import ZSAMTrainingArguments
 from ..vision.image_classification import DataArguments, ModelArguments, build_trainer
+from .hessian import model_sharpness
 
 # variant label -> ZSAMTrainingArguments fields
 VARIANTS = {
@@ -33,6 +34,15 @@ VARIANTS = {
     "zsam-tensor": dict(sam_variant="zsam", zsam_normalization="tensor"),
     "zsam-global": dict(sam_variant="zsam", zsam_normalization="global"),
 }
+# Late-phase SAM: the two-pass step only over the last part of the run ("zsam-global-start0.75").
+SAM_STARTS = (0.5, 0.75)
+VARIANTS.update(
+    {
+        f"{label}-start{s}": {**VARIANTS[label], "sam_start": s}
+        for label in ("zsam-global",)
+        for s in SAM_STARTS
+    }
+)
 # The same methods taking the two-pass step only every k-th optimizer step ("sam-k5", ...).
 SAM_INTERVALS = (2, 5, 10)
 VARIANTS.update(
@@ -61,9 +71,17 @@ class Budget:
     rho: float | None = None  # None: the variant's default (0.05; ASAM 0.5)
     quantile: float = 0.95
     num_workers: int = 0
+    label_noise: float = 0.0  # fraction of training labels made uniformly random (fixed per seed)
+    schedule: str = "released"  # "released" (warm-up, then StepLR) or "cosine" (warm-up, then cosine to 0)
+    augment: bool = True  # the training script's random crop and flip
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        # budgets from before these fields existed keep their keys (and so their results)
+        for name, default in (("label_noise", 0.0), ("schedule", "released"), ("augment", True)):
+            if fields[name] == default:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True)
 
 
 @dataclass
@@ -103,6 +121,18 @@ def released_code_schedule(optimizer, steps_per_epoch: int, budget: Budget):
         if s < warmup:
             return (s + 1) / warmup
         return budget.gamma ** math.floor((s - warmup) / step)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def cosine_schedule(optimizer, total_steps: int, steps_per_epoch: int, budget: Budget):
+    """Linear warm-up over ``warmup_epochs``, then cosine decay to 0 at the last step."""
+    warmup = budget.warmup_epochs * steps_per_epoch
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total_steps - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -160,8 +190,57 @@ def _summarize_logs(log_history: list[dict]) -> dict:
     return out
 
 
+@dataclass
+class HessianBudget:
+    """The Hessian figures of each trained model: on ``samples`` clean training images (0: none)."""
+
+    samples: int = 0
+    iterations: int = 20
+    tolerance: float = 1e-3
+    trace_samples: int = 10
+    batch_size: int = 128
+
+
+def hessian_figures(model, train_images, budget: HessianBudget, seed: int) -> dict:
+    if budget.samples <= 0:
+        return {}
+    device = next(model.parameters()).device
+    subset = train_images.select(range(min(budget.samples, len(train_images))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=budget.batch_size)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
+    start = time.perf_counter()
+    result = model_sharpness(
+        model, batches, budget.iterations, budget.tolerance, budget.trace_samples, seed=2000 + seed
+    )
+    return {
+        "hessian_top_eigenvalue": result.top_eigenvalue,
+        "hessian_power_iterations": result.power_iterations,
+        "hessian_trace": result.trace,
+        "hessian_trace_stderr": result.trace_stderr,
+        "hessian_samples": len(subset),
+        "hessian_time_s": time.perf_counter() - start,
+    }
+
+
+def train_accuracies(trainer, built) -> dict:
+    """Accuracy on the training images (no augmentation): against their true labels, and against the
+    labels trained on (they differ under label noise: fitting those is memorizing the noise)."""
+    logits = trainer.predict(built.train_images, metric_key_prefix="train_images").predictions
+    predicted = torch.as_tensor(logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
+    true, trained = torch.as_tensor(built.train_true_labels), torch.as_tensor(built.train_labels)
+    return {
+        "train_accuracy_true_labels": (predicted == true).float().mean().item(),
+        "train_accuracy_trained_labels": (predicted == trained).float().mean().item(),
+    }
+
+
 def run_one(
-    spec: RunSpec, root: str, flatness_radii, flatness_directions: int, flatness_samples: int
+    spec: RunSpec,
+    root: str,
+    flatness_radii,
+    flatness_directions: int,
+    flatness_samples: int,
+    hessian: HessianBudget | None = None,
 ) -> dict:
     """Train one cell of the grid (resuming its checkpoint if any) and measure it."""
     budget = spec.budget
@@ -195,8 +274,11 @@ def run_one(
         dataset_name=budget.dataset_name,
         eval_split="test",
         max_train_samples=budget.max_train_samples,
+        train_label_noise=budget.label_noise,
+        augment=budget.augment,
     )
-    trainer, _, _ = build_trainer(ModelArguments(model_name_or_path=spec.model), data_args, args)
+    built = build_trainer(ModelArguments(model_name_or_path=spec.model), data_args, args)
+    trainer = built.trainer
     trainer.remove_callback(PrinterCallback)  # the grid prints one line per run instead
     full_test = trainer.eval_dataset
     if budget.eval_samples_per_epoch:
@@ -208,7 +290,11 @@ def run_one(
         betas=(0.9, 0.999),
         weight_decay=budget.weight_decay,
     )
-    trainer.lr_scheduler = released_code_schedule(trainer.optimizer, steps_per_epoch, budget)
+    if budget.schedule == "cosine":
+        total = math.ceil(budget.epochs * steps_per_epoch)
+        trainer.lr_scheduler = cosine_schedule(trainer.optimizer, total, steps_per_epoch, budget)
+    else:
+        trainer.lr_scheduler = released_code_schedule(trainer.optimizer, steps_per_epoch, budget)
 
     start = time.perf_counter()
     checkpoint = last_complete_checkpoint(run_dir)
@@ -217,6 +303,10 @@ def run_one(
     final = trainer.evaluate(full_test, metric_key_prefix="final")
     flat_set = full_test.select(range(min(flatness_samples, len(full_test))))
     flat = flatness(trainer.model, flat_set, flatness_radii, flatness_directions, seed=1000 + spec.seed)
+    measured = {
+        **train_accuracies(trainer, built),
+        **hessian_figures(trainer.model, built.train_images, hessian or HessianBudget(), spec.seed),
+    }
     record = {
         "name": spec.name,
         "group": spec.group,
@@ -225,6 +315,9 @@ def run_one(
         "seed": spec.seed,
         "overrides": spec.overrides,
         "sam_interval": args.sam_interval,
+        "sam_start": args.sam_start,
+        "label_noise": budget.label_noise,
+        "train_samples": len(built.train_labels),
         "epochs": budget.epochs,
         "final_test_accuracy": final["final_accuracy"],
         "final_test_loss": final["final_loss"],
@@ -236,6 +329,7 @@ def run_one(
         "device": str(trainer.args.device),
         **_summarize_logs(trainer.state.log_history),
         **{k: v for k, v in flat.items() if k.startswith("flatness")},
+        **measured,
         "budget": asdict(budget),
         "key": spec.key(),
     }
@@ -266,17 +360,25 @@ def run_grid(
     flatness_directions: int,
     flatness_samples: int,
     log=print,
+    hessian: HessianBudget | None = None,
+    shard: tuple[int, int] = (0, 1),
 ):
-    """Run every spec not yet in ``root/results.jsonl``; returns all results."""
+    """Run every spec not yet in ``root/results.jsonl``; returns all results.
+
+    ``shard=(k, n)`` runs only the specs whose position in the list is k modulo n, so n processes
+    (one core each) can share a grid; each appends its finished runs to the same results file.
+    """
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, "results.jsonl")
     done = {r["key"] for r in load_results(path)}
     for i, spec in enumerate(specs, 1):
+        if (i - 1) % shard[1] != shard[0]:
+            continue
         if spec.key() in done:
             log(f"[{i}/{len(specs)}] {spec.name}: done already, skipped")
             continue
         log(f"[{i}/{len(specs)}] {spec.name}: training")
-        record = run_one(spec, root, flatness_radii, flatness_directions, flatness_samples)
+        record = run_one(spec, root, flatness_radii, flatness_directions, flatness_samples, hessian)
         append_result(path, record)
         log(
             f"[{i}/{len(specs)}] {spec.name}: test accuracy {record['final_test_accuracy']:.4f} "

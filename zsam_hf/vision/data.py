@@ -287,6 +287,31 @@ def make_splits(
     return Splits(train, evaluation, test, name)
 
 
+# ---- label noise ---------------------------------------------------------------------------------
+CLEAN_LABEL_COLUMN = "clean_label"
+
+
+def noisy_labels(labels: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:
+    """Symmetric label noise: round(fraction * n) rows, drawn without replacement, get a uniformly random
+    class (possibly their own, as in the SAM paper's noisy-label experiments). Fixed by ``seed``."""
+    if not 0 <= fraction <= 1:
+        raise DataError(f"train_label_noise={fraction!r} is invalid: expected a fraction in [0, 1]")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels).copy()
+    rows = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
+    labels[rows] = rng.integers(0, num_classes, size=len(rows))
+    return labels
+
+
+def with_label_noise(dataset: Dataset, columns: Columns, fraction: float, seed: int) -> Dataset:
+    """``dataset`` with noisy labels in the label column and the true ones kept in ``clean_label``."""
+    clean = np.asarray(dataset[columns.label])
+    noisy = noisy_labels(clean, fraction, len(columns.names), seed)
+    feature = dataset.features[columns.label]
+    dataset = dataset.rename_column(columns.label, CLEAN_LABEL_COLUMN)
+    return dataset.add_column(columns.label, noisy.tolist(), feature=feature)
+
+
 # ---- transforms --------------------------------------------------------------------------------
 def _mode(num_channels: int) -> str:
     return "RGB" if num_channels == 3 else "L"

@@ -23,7 +23,9 @@ from ..config import ZSAMTrainingArguments
 from ..trainer import ZSAMTrainer
 from .data import (
     BUILTIN_DATASETS,
+    CLEAN_LABEL_COLUMN,
     FASHION_MNIST_HUB,
+    Columns,
     DataError,
     SeededAugmentation,
     channel_statistics,
@@ -34,6 +36,7 @@ from .data import (
     resolve_columns,
     train_split,
     with_image_transform,
+    with_label_noise,
 )
 from .metrics import classification_metrics
 from .models import PAPER_MODELS, Preprocessing, build_model
@@ -114,8 +117,19 @@ class DataArguments:
         default=None, metadata={"help": "Evaluate on at most this many examples (validation and test)."}
     )
     augment: bool = field(default=True, metadata={"help": "Random crop/flip augmentation for training."})
+    train_label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Replace this fraction of the training labels by uniformly random classes (symmetric "
+            "label noise, fixed by --seed); validation and test labels stay clean."
+        },
+    )
 
     def __post_init__(self):
+        if not (isinstance(self.train_label_noise, (int, float)) and 0 <= self.train_label_noise <= 1):
+            raise ValueError(
+                f"train_label_noise={self.train_label_noise!r} is invalid: expected a fraction in [0, 1]"
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -177,7 +191,19 @@ def _dataset_for_card(name: str) -> tuple[str, str]:
     return name, name
 
 
-def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args: ZSAMTrainingArguments):
+@dataclass
+class BuiltRun:
+    trainer: ZSAMTrainer
+    test: object | None  # the test split, transformed for evaluation (None when there is none)
+    labels: list[str]
+    train_images: object  # the training images as evaluated: no augmentation, their true labels
+    train_labels: list[int]  # the labels trained on (noisy where train_label_noise > 0)
+    train_true_labels: list[int]  # the training images' true labels
+
+
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: ZSAMTrainingArguments
+) -> BuiltRun:
     """Data, model, transforms and the Trainer; raises before touching ``output_dir``."""
     raw = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir)
     columns = resolve_columns(train_split(raw), data_args.image_column_name, data_args.label_column_name)
@@ -190,6 +216,12 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         max_eval_samples=data_args.max_eval_samples,
         seed=training_args.seed,
     )
+    clean_columns = columns
+    if data_args.train_label_noise > 0:
+        splits.train = with_label_noise(
+            splits.train, columns, data_args.train_label_noise, training_args.seed
+        )
+        clean_columns = Columns(columns.image, CLEAN_LABEL_COLUMN, columns.names)
     image_size = model_args.image_size or first_image_size(splits.train, columns.image)
     mean, std = channel_statistics(splits.train, columns.image, image_size, 3)
     built = build_model(
@@ -224,7 +256,14 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         base_model=built.base_model,
     )
     test = with_image_transform(splits.test, columns, eval_tf) if splits.test is not None else None
-    return trainer, test, columns.names
+    return BuiltRun(
+        trainer=trainer,
+        test=test,
+        labels=columns.names,
+        train_images=with_image_transform(splits.train, clean_columns, eval_tf),
+        train_labels=list(splits.train[columns.label]),
+        train_true_labels=list(splits.train[clean_columns.label]),
+    )
 
 
 def _checkpoint_to_resume(requested: str | None, output_dir: str, existed: bool) -> str | bool | None:
@@ -262,7 +301,8 @@ def run(
     existed = os.path.exists(output_dir)
     checkpoint = _checkpoint_to_resume(training_args.resume_from_checkpoint, output_dir, existed)
     try:
-        trainer, test, labels = build_trainer(model_args, data_args, training_args)
+        built = build_trainer(model_args, data_args, training_args)
+        trainer, test, labels = built.trainer, built.test, built.labels
     except Exception as err:
         if not existed and os.path.isdir(output_dir):  # never leave a half-made output directory
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -296,6 +336,7 @@ def run(
 
 
 __all__ = [
+    "BuiltRun",
     "DataArguments",
     "DataError",
     "ModelArguments",
