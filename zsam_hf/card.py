@@ -53,6 +53,8 @@ TASKS_BY_HEAD = {
     "ForTokenClassification": "token-classification",
     "ForQuestionAnswering": "question-answering",
     "ForCausalLM": "text-generation",
+    "ForConditionalGeneration": "text2text-generation",  # T5, BART, Marian ...
+    "ForSeq2SeqLM": "text2text-generation",
     "ForMaskedLM": "fill-mask",
     "ForAudioClassification": "audio-classification",
 }
@@ -95,6 +97,75 @@ class CardContext:
     command: str | None = None
     tags: list[str] = field(default_factory=list)
     task: str | None = None  # the Hub's pipeline tag, e.g. "image-classification"
+    trainer_name: str = "ZSAMTrainer"
+
+
+def pretrained_name(model) -> str | None:
+    """The checkpoint a model was loaded from (its config's name or path), None if built from scratch."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def card_training_rows(args, model, global_step: int) -> dict:
+    """The base optimizer, schedule and batch settings of a run, as the card's table shows them."""
+    optimizer = args.optim.value if hasattr(args.optim, "value") else str(args.optim)
+    if "adam" in optimizer:
+        optimizer += f" (betas=({args.adam_beta1}, {args.adam_beta2}), eps={args.adam_epsilon})"
+    scheduler = args.lr_scheduler_type
+    rows = {
+        "architecture": pretrained_name(model) or type(model).__name__,
+        "optimizer": optimizer,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "lr_scheduler_type": scheduler.value if hasattr(scheduler, "value") else scheduler,
+        "warmup_steps": args.warmup_steps,
+        "train_batch_size (per device)": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_devices": args.world_size,
+        "total_train_batch_size": args.per_device_train_batch_size
+        * args.gradient_accumulation_steps
+        * args.world_size,
+    }
+    if args.max_steps <= 0:
+        rows["num_epochs"] = args.num_train_epochs
+    else:
+        rows["max_steps"] = args.max_steps
+    rows.update(
+        max_grad_norm=args.max_grad_norm,
+        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        seed=args.seed,
+    )
+    if global_step:
+        rows["optimizer steps run"] = global_step
+    return rows
+
+
+_NOT_CARD_METRICS = (
+    "loss",
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+    "epoch",
+    "model_preparation_time",
+)
+
+
+def card_metrics(log_history: list[dict], eval_split: str) -> dict[str, dict[str, float]]:
+    """The latest evaluation of each split in the logs: {"validation": {"accuracy": ...}, "test": {...}}.
+
+    Every metric ``compute_metrics`` returned is kept; loss and speed figures are not.
+    """
+    metrics: dict[str, dict[str, float]] = {}
+    for entry in log_history:
+        for prefix, split in (("eval_", eval_split), ("test_", "test")):
+            found = {
+                k[len(prefix) :]: v
+                for k, v in entry.items()
+                if k.startswith(prefix) and isinstance(v, (int, float)) and not k.endswith(_NOT_CARD_METRICS)
+            }
+            if found:
+                metrics[split] = found
+    return metrics
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -193,6 +264,7 @@ def build_model_card(ctx: CardContext) -> ModelCard:
         training_table=_table(ctx.training),
         command=ctx.command or "(not recorded)",
         versions=_versions(),
+        trainer_name=ctx.trainer_name,
     )
 
 

@@ -1,12 +1,19 @@
-"""``ZSAMTrainingArguments``: the Trainer's arguments plus the SAM-family hyper-parameters.
+"""The SAM-family hyper-parameters, added on top of any ``TrainingArguments`` class.
+
+``with_zsam_arguments(SFTConfig)`` is ``SFTConfig`` plus the SAM fields: a dataclass whose only
+new fields are the SAM ones, so every field of the base class keeps the base class's own default
+(re-declaring them, as ``class C(ZSAMTrainingArguments, SFTConfig)`` does, would reset SFTConfig's
+defaults to TrainingArguments'). ``ZSAMTrainingArguments`` is that construction over
+``TrainingArguments``.
 
 Every field becomes a command-line flag through ``HfArgumentParser`` (its ``help`` is the
-``--help`` text), and every value is checked in ``__post_init__``, so a bad flag fails
-before any model or dataset is loaded.
+``--help`` text), and every value is checked in ``__post_init__`` before the base class's own
+checks, so a bad flag fails before any model or dataset is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -24,27 +31,8 @@ def _is_number(value) -> bool:
 
 
 @dataclass
-class ZSAMTrainingArguments(TrainingArguments):
-    """TrainingArguments for :class:`~zsam_hf.ZSAMTrainer`.
-
-    SAM family:
-        sam_variant: "zsam" (default), "sam", "asam", "fsam" or "none" (the plain Trainer step).
-        sam_rho: radius of the ascent step; None picks the variant's default
-            (0.05 for zsam/sam/fsam, 0.5 for asam).
-        sam_interval: the two-pass step runs on every this-many-th optimizer step (default 1:
-            every step), counted from ``sam_start``; the others are the plain Trainer step.
-        sam_start: the two-pass step only from this optimizer step on: a whole number (a step
-            index, default 0), or a fraction in (0, 1) of the run's optimizer steps (0.75: the
-            last quarter, "late-phase SAM").
-        sam_sync_ascent: all-reduce the ascent gradient across replicas. Unset (None): each DDP
-            replica perturbs with its own gradient, as in the SAM paper; under FSDP2 the ascent
-            gradient is the averaged one (the only possibility), and False is refused.
-    ZSAM:
-        zsam_quantile: Q_p; entries with |z| above this quantile are kept (0.95 keeps 5%).
-        zsam_normalization: "global" (the paper: ||e|| = rho) or "tensor" (released code).
-    ASAM / Friendly-SAM:
-        asam_eta, fsam_sigma, fsam_lambda.
-    """
+class _SAMFields:
+    """The SAM-family fields alone (a template: ``with_zsam_arguments`` adds them to a base class)."""
 
     sam_variant: str = field(
         default="zsam",
@@ -95,6 +83,31 @@ class ZSAMTrainingArguments(TrainingArguments):
             "is always the averaged one (every rank gathers the same weights), so False is refused there."
         },
     )
+
+
+class ZSAMArgumentsMixin:
+    """Validation, defaults and helpers of the SAM fields, for any ``TrainingArguments`` class.
+
+    SAM family:
+        sam_variant: "zsam" (default), "sam", "asam", "fsam" or "none" (the plain Trainer step).
+        sam_rho: radius of the ascent step; None picks the variant's default
+            (0.05 for zsam/sam/fsam, 0.5 for asam).
+        sam_interval: the two-pass step runs on every this-many-th optimizer step (default 1:
+            every step), counted from ``sam_start``; the others are the plain Trainer step.
+        sam_start: the two-pass step only from this optimizer step on: a whole number (a step
+            index, default 0), or a fraction in (0, 1) of the run's optimizer steps (0.75: the
+            last quarter, "late-phase SAM").
+        sam_sync_ascent: all-reduce the ascent gradient across replicas. Unset (None): each DDP
+            replica perturbs with its own gradient, as in the SAM paper; under FSDP2 the ascent
+            gradient is the averaged one (the only possibility), and False is refused.
+    ZSAM:
+        zsam_quantile: Q_p; entries with |z| above this quantile are kept (0.95 keeps 5%).
+        zsam_normalization: "global" (the paper: ||e|| = rho) or "tensor" (released code).
+    ASAM / Friendly-SAM:
+        asam_eta, fsam_sigma, fsam_lambda.
+    """
+
+    _zsam_base: type = TrainingArguments  # the class the SAM fields were added to
 
     def __post_init__(self):
         self._validate_sam_fields()
@@ -151,6 +164,10 @@ class ZSAMTrainingArguments(TrainingArguments):
         state["hub_token"] = None
         return state
 
+    def __reduce__(self):
+        # Rebuilt through with_zsam_arguments(base), so a class made at run time unpickles too.
+        return _rebuild_arguments, (self._zsam_base, self.__getstate__())
+
     def sam_start_step(self, max_steps: int) -> int:
         """The first optimizer step that takes the two-pass step, in a run of ``max_steps`` steps."""
         if 0 < self.sam_start < 1:
@@ -175,3 +192,42 @@ class ZSAMTrainingArguments(TrainingArguments):
         elif self.sam_variant == "fsam":
             params.update(fsam_sigma=self.fsam_sigma, fsam_lambda=self.fsam_lambda)
         return params
+
+
+_ARGUMENTS_CLASSES: dict[type, type] = {}
+
+
+def with_zsam_arguments(base: type, name: str | None = None) -> type:
+    """``base`` (a ``TrainingArguments`` subclass) plus the SAM fields; the same class for the same base.
+
+    Only the SAM fields are declared on the new class, so every field of ``base`` keeps ``base``'s
+    default and ``base.__post_init__`` still runs (after the SAM fields are checked).
+    """
+    if not (isinstance(base, type) and issubclass(base, TrainingArguments)):
+        raise TypeError(f"with_zsam_arguments expects a TrainingArguments subclass, got {base!r}")
+    if issubclass(base, ZSAMArgumentsMixin):
+        return base
+    if base not in _ARGUMENTS_CLASSES:
+        sam_fields = [(f.name, f.type, f) for f in dataclasses.fields(_SAMFields)]
+        cls = dataclasses.make_dataclass(
+            name or f"ZSAM{base.__name__}",
+            [(n, t, dataclasses.field(default=f.default, metadata=f.metadata)) for n, t, f in sam_fields],
+            bases=(ZSAMArgumentsMixin, base),
+            namespace={"_zsam_base": base, "__module__": __name__},
+        )
+        cls.__doc__ = f"{base.__name__} plus the SAM-family fields.\n\n" + (ZSAMArgumentsMixin.__doc__ or "")
+        _ARGUMENTS_CLASSES[base] = cls
+    return _ARGUMENTS_CLASSES[base]
+
+
+def _rebuild_arguments(base: type, state: dict):
+    cls = with_zsam_arguments(base)
+    args = cls.__new__(cls)
+    args.__dict__.update(state)
+    return args
+
+
+ZSAMTrainingArguments = with_zsam_arguments(TrainingArguments, "ZSAMTrainingArguments")
+ZSAMTrainingArguments.__doc__ = "TrainingArguments for :class:`~zsam_hf.ZSAMTrainer`.\n\n" + (
+    ZSAMArgumentsMixin.__doc__ or ""
+)

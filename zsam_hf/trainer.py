@@ -1,560 +1,70 @@
-"""``ZSAMTrainer``: the Hugging Face Trainer with a two-pass sharpness-aware step.
+"""The front doors for Trainers: ``ZSAMTrainer``, ``with_zsam(AnyTrainer, ItsArguments)``, Seq2Seq.
 
-Only ``training_step`` changes.  For each micro-batch:
-
-1. ascent pass: g = grad L_B(w), taken through ``backward()`` with ``.grad`` (which holds
-   the earlier micro-batches' descent gradients under accumulation) set aside and put
-   back, inside ``no_sync`` so DDP does not all-reduce it, and inside a forked RNG so
-   that the descent pass replays the same dropout masks;
-2. climb to w + e (``perturbation.py``);
-3. descent pass: the Trainer's usual loss and ``accelerator.backward`` at w + e, with
-   norm layers' running statistics frozen (the ascent pass already updated them);
-4. restore w bit for bit.
-
-Everything after ``training_step`` (accumulation, unscale, clipping, the optimizer,
-the scheduler, GradScaler skipping, logging, checkpoints) is the Trainer's own.
+Each is :class:`~zsam_hf.mixin.ZSAMTrainerMixin` over a host Trainer class, paired with the host's
+arguments class plus the SAM fields (:func:`~zsam_hf.config.with_zsam_arguments`). TRL stays
+optional: nothing here imports it; ``with_zsam(SFTTrainer, SFTConfig)`` builds its pair on demand.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-from pathlib import Path
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
 
-import torch
-import torch.distributed as dist
-from torch.distributed.tensor import DTensor
-from torch.nn.modules.batchnorm import _NormBase
-from transformers import Trainer
+from .config import ZSAMTrainingArguments, with_zsam_arguments
+from .mixin import ZSAMTrainerMixin
 
-from . import checkpoint_dirs
-from .card import CardContext, build_model_card, task_of
-from .checkpoints import check_adapter_checkpoint, is_peft_model, load_checkpoint_weights
-from .config import ZSAMTrainingArguments
-from .perturbation import PerturbationStats, SharpnessPerturbation
-from .sharding import Shards
-
-SAM_STATE_FILE = "sam_state_rank{rank}.pt"
-logger = logging.getLogger(__name__)
+_PAIRS: dict[tuple[type, type], tuple[type, type]] = {}
 
 
-@contextlib.contextmanager
-def running_stats_frozen(model: torch.nn.Module):
-    """Normalize with batch statistics but leave running statistics (and counters) alone.
+def with_zsam(trainer_class: type, arguments_class: type | None = None) -> tuple[type, type]:
+    """``(trainer class, arguments class)``: ``trainer_class`` with the two-pass step, and
+    ``arguments_class`` (default ``TrainingArguments``) plus the SAM fields.
 
-    With ``track_running_stats`` off, a training-mode norm layer uses the batch's
-    statistics and skips the running-average update, exactly what the descent pass needs.
+    The trainer keeps everything its class does (its loss, its training-step contexts, its logs);
+    the arguments keep every default and every ``__post_init__`` check of their class. The same
+    inputs give the same classes::
+
+        from trl import SFTConfig, SFTTrainer
+        ZSAMSFTTrainer, ZSAMSFTConfig = zsam_hf.with_zsam(SFTTrainer, SFTConfig)
+        trainer = ZSAMSFTTrainer(model=model, args=ZSAMSFTConfig(output_dir="out"), train_dataset=data)
     """
-    layers = [m for m in model.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
-    for layer in layers:
-        layer.track_running_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
+    arguments_class = TrainingArguments if arguments_class is None else arguments_class
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(f"with_zsam expects a transformers Trainer subclass, got {trainer_class!r}")
+    if issubclass(trainer_class, ZSAMTrainerMixin):
+        raise TypeError(f"{trainer_class.__name__} already takes the two-pass step (it has ZSAMTrainerMixin)")
+    key = (trainer_class, arguments_class)
+    if key not in _PAIRS:
+        arguments = with_zsam_arguments(arguments_class)
+        trainer = type(
+            f"ZSAM{trainer_class.__name__}",
+            (ZSAMTrainerMixin, trainer_class),
+            {
+                "_zsam_arguments_class": arguments,
+                "__module__": __name__,
+                "__doc__": f"{trainer_class.__name__} with the two-pass sharpness-aware step; takes "
+                f"{arguments.__name__}.\n\n" + (ZSAMTrainerMixin.__doc__ or ""),
+            },
+        )
+        _PAIRS[key] = (trainer, arguments)
+    return _PAIRS[key]
 
 
-class _SharpnessMeter:
-    """Per-step SAM metrics summed as device tensors between two logging steps."""
-
-    def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None  # [loss at w, loss at w+e, ||e||, kept fraction]
-        self.perturbed_micro_batches = 0
-        self.sharpness_steps: set[int] = set()  # optimizer steps that took the two-pass step
-
-    def record(
-        self, step: int, loss: torch.Tensor, perturbed_loss: torch.Tensor, stats: PerturbationStats | None
-    ) -> None:
-        self.sharpness_steps.add(step)
-        if self.sums is None:
-            self.sums = torch.zeros(4, device=loss.device)
-        self.sums[0] += loss.detach().float()
-        self.sums[1] += perturbed_loss.detach().float()
-        if stats is not None:
-            self.sums[2] += stats.norm.to(self.sums.device)
-            self.sums[3] += stats.kept_fraction or 0.0
-            self.perturbed_micro_batches += 1
-
-    def reset(self) -> None:
-        self.sums, self.perturbed_micro_batches, self.sharpness_steps = None, 0, set()
-
-
-class ZSAMTrainer(Trainer):
+class ZSAMTrainer(ZSAMTrainerMixin, Trainer):
     """A drop-in ``Trainer`` that trains with ZSAM (or SAM, ASAM, Friendly-SAM).
 
-    Pass :class:`ZSAMTrainingArguments` as ``args``; everything else is the Trainer's
-    constructor.  Logs carry, next to ``loss`` (the loss at w): ``perturbed_loss`` (at
-    w + e), ``sharpness`` (their difference), ``perturbation_norm`` (||e||), for zsam
-    ``zsam_kept_fraction``, all averaged over the two-pass steps, and ``sam_steps_fraction``
-    (the share of optimizer steps that took the two-pass step, 1 unless ``sam_interval`` > 1).
+    Pass :class:`~zsam_hf.ZSAMTrainingArguments` as ``args``; everything else is the Trainer's
+    constructor. ``with_zsam(Trainer, TrainingArguments)`` returns this pair.
     """
 
-    def __init__(self, model=None, args: ZSAMTrainingArguments | None = None, *more, **kwargs):
-        if args is None:
-            args = ZSAMTrainingArguments(output_dir="tmp_trainer")
-        if not isinstance(args, ZSAMTrainingArguments):
-            raise TypeError(
-                f"args must be a ZSAMTrainingArguments, got {type(args).__name__}: "
-                "swap TrainingArguments for zsam_hf.ZSAMTrainingArguments."
-            )
-        # Once from the arguments (fail before any model work), once from what accelerate set up.
-        requested_fsdp = int((args.fsdp_config or {}).get("version", 2)) if args.fsdp else None
-        _check_backend(args, deepspeed=bool(args.deepspeed), fsdp_version=requested_fsdp)
-        super().__init__(model, args, *more, **kwargs)
-        fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
-        _check_backend(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=fsdp_version)
-        self.perturbation = SharpnessPerturbation(
-            variant=args.sam_variant,
-            rho=args.sam_rho,
-            quantile=args.zsam_quantile,
-            normalization=args.zsam_normalization,
-            asam_eta=args.asam_eta,
-            fsam_sigma=args.fsam_sigma,
-            fsam_lambda=args.fsam_lambda,
-        )
-        self._sharpness_meter = _SharpnessMeter()
-        self._sharpness_logged_step = 0
-        self._checkpoint_staging: str | None = None  # while a checkpoint is being staged
-        self._push_deferred = False
-        # What the model card should say beyond the Trainer's state; scripts fill it in:
-        # dataset, dataset_display, eval_split, base_model, command, license, tags.
-        self.model_card_info: dict = {}
-
-    # ---- the two-pass step ----------------------------------------------------------
-    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        if not self.is_sharpness_step():
-            return super().training_step(model, inputs, num_items_in_batch)
-        model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
-        names, params = self._trainable_parameters(model)
-        sharded = self.is_fsdp_enabled
-        if sharded:  # both passes reduce-scatter, also inside the Trainer's accumulation no_sync
-            model.set_requires_gradient_sync(True)
-
-        # 1. ascent pass at w, RNG replayed afterwards so both passes see the same dropout
-        no_sync = contextlib.nullcontext() if sharded else self.accelerator.no_sync(model)
-        with no_sync, torch.random.fork_rng(devices=_rng_devices(model)):
-            loss = self._loss_for_backward(model, inputs, num_items_in_batch)
-            grads = self._ascent_gradients(loss, params)
-        # 2. climb to w + e (under FSDP2: each rank its slice, from full-tensor statistics)
-        if sharded:
-            numels = [p.numel() for p in params]
-            applied, stats = self.perturbation.perturb(
-                names, [_local(p) for p in params], grads, Shards(), numels
-            )
-        else:
-            applied, stats = self.perturbation.perturb(names, params, grads)
-        del grads
-        # 3. descent pass at w + e (the Trainer's backward), 4. back to w exactly
-        try:
-            with running_stats_frozen(model):
-                perturbed_loss = self._loss_for_backward(model, inputs, num_items_in_batch)
-            if perturbed_loss.requires_grad:
-                self.accelerator.backward(perturbed_loss)
-        finally:
-            applied.restore()
-        self._sharpness_meter.record(self.state.global_step, loss, perturbed_loss, stats)
-        return loss.detach()
-
-    def is_sharpness_step(self) -> bool:
-        """Whether the optimizer step being computed takes the two-pass step.
-
-        From step s = ``sam_start`` on (a fraction of ``state.max_steps`` rounded up), every
-        ``sam_interval``-th step (s, s + k, s + 2k, ...), all its micro-batches; a pure function of
-        ``state.global_step`` and ``state.max_steps``, so a resumed run takes the same steps.
-        """
-        if self.args.sam_variant == "none":
-            return False
-        since_start = self.state.global_step - self.args.sam_start_step(self.state.max_steps)
-        return since_start >= 0 and since_start % self.args.sam_interval == 0
-
-    def _trainable_parameters(self, model) -> tuple[list[str], list[torch.nn.Parameter]]:
-        named = [
-            (n, p) for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad
-        ]
-        return [n for n, _ in named], [p for _, p in named]
-
-    def _loss_for_backward(self, model, inputs, num_items_in_batch) -> torch.Tensor:
-        """The loss exactly as ``Trainer.training_step`` back-propagates it.
-
-        Each pass gets a shallow copy of the inputs (``compute_loss`` may pop labels);
-        the scaling for gradient accumulation follows the Trainer's own rule, so the
-        ascent and descent losses are in the same units as the logged ``loss``.
-        """
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
-        if self.args.n_gpu > 1:
-            loss = loss.mean()
-        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)  # absent before transformers 5.2x
-        if scaled_for_ga is None:
-            scaled_for_ga = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-        return loss if scaled_for_ga else loss / self.current_gradient_accumulation_steps
-
-    def _ascent_gradients(self, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """g = grad L_B(w), leaving ``.grad`` as it was; unscaled, optionally averaged over replicas.
-
-        Taken through ``backward()``, the one gradient path that works whatever the model does in
-        its forward (reentrant activation checkpoints refuse ``torch.autograd.grad``; sharded
-        parameters do not take part in it), with each ``.grad`` set aside and put back.
-
-        Under fp16 the loss is scaled by the GradScaler's current scale (so small
-        gradients survive half precision) and divided back here by hand: the scaler's
-        own ``unscale_`` is left for the descent gradient, never called twice.
-        """
-        if not params or not loss.requires_grad:
-            return [None] * len(params)
-        scaler = self.accelerator.scaler
-        scaling = scaler is not None and scaler.is_enabled()
-        target = scaler.scale(loss) if scaling else loss
-        grads = [_local(g) for g in _gradients_through_backward(target, params)]
-        present = [g for g in grads if g is not None]
-        if scaling and present:  # scale() has initialized the scale tensor by now
-            torch._foreach_mul_(present, scaler._get_scale_async().double().reciprocal().float())
-        if (
-            self.args.sam_sync_ascent
-            and not self.is_fsdp_enabled  # FSDP2's reduce-scatter averaged it already
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
-            grads = _all_reduce_mean(grads, params)
-        return grads
-
-    # ---- logs -------------------------------------------------------------------------
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self.args.sam_variant != "none":
-            logs.update(self._sharpness_logs())
-        super().log(logs, start_time)
-
-    def _sharpness_logs(self) -> dict[str, float]:
-        """SAM metrics averaged over the two-pass steps since the last log, and their share.
-
-        Every rank reaches this together and takes the same steps, so the gather is collective.
-        """
-        meter = self._sharpness_meter
-        steps = max(self.state.global_step - self._sharpness_logged_step, 1)
-        logs = {"sam_steps_fraction": len(meter.sharpness_steps) / steps}
-        if meter.sums is not None:
-            sums = self.accelerator.gather(meter.sums[None]).mean(0).tolist()
-            sharpness_steps = max(len(meter.sharpness_steps), 1)
-            perturbed = max(meter.perturbed_micro_batches, 1)
-            logs.update(
-                perturbed_loss=sums[1] / sharpness_steps,
-                sharpness=(sums[1] - sums[0]) / sharpness_steps,
-                perturbation_norm=sums[2] / perturbed,
-            )
-            if self.args.sam_variant == "zsam":
-                logs["zsam_kept_fraction"] = sums[3] / perturbed
-        meter.reset()
-        self._sharpness_logged_step = self.state.global_step
-        return logs
-
-    # ---- checkpoints that appear whole or not at all (see checkpoint_dirs.py) -----------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """The Trainer's ``train``, resuming from the newest *complete* checkpoint.
-
-        ``resume_from_checkpoint=True`` skips (and names) checkpoints whose save was interrupted;
-        a named checkpoint that is missing, not a checkpoint or incomplete is refused before
-        training starts. Staging directories left by a killed save are removed.
-        """
-        resume = self._resolve_resume(resume_from_checkpoint)
-        return super().train(resume, *args, **kwargs)
-
-    def _resolve_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        output_dir = self.args.output_dir
-        if self.args.should_save:
-            for leftover in checkpoint_dirs.remove_leftovers(output_dir):
-                logger.warning("Removed %s: a checkpoint save that was interrupted.", leftover)
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return None
-        if resume_from_checkpoint is True:
-            search = checkpoint_dirs.find_newest_complete(output_dir)
-            if self.is_world_process_zero():
-                for path, problems in search.skipped.items():
-                    logger.warning("Skipping incomplete checkpoint %s: %s", path, "; ".join(problems))
-            if search.newest is None:
-                skipped = f" (incomplete: {', '.join(search.skipped)})" if search.skipped else ""
-                raise checkpoint_dirs.IncompleteCheckpointError(
-                    f"resume_from_checkpoint=True, but output_dir={output_dir!r} holds no complete "
-                    f"checkpoint{skipped}. Leave resume_from_checkpoint unset to start from scratch."
-                )
-            logger.info("Resuming from %s, the newest complete checkpoint.", search.newest)
-            return search.newest
-        checkpoint = os.fspath(resume_from_checkpoint)
-        checkpoint_dirs.require_complete(checkpoint)
-        return checkpoint
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into a staging directory and renamed into place whole.
-
-        Every rank writes its part (RNG state, FSAM's average, FSDP2 shards) into the same staging
-        directory; after a barrier the process that owns the output directory flushes the files,
-        writes the manifest and renames; a second barrier keeps every rank behind the rename.
-        """
-        run_dir = self._get_output_dir(trial=trial)
-        step = self.state.global_step
-        owner = self.args.should_save
-        if owner:
-            checkpoint_dirs.prepare_staging(run_dir, step)
-        self.accelerator.wait_for_everyone()
-        root = checkpoint_dirs.staging_root(run_dir, step)
-        staged = os.path.join(root, checkpoint_dirs.checkpoint_name(step))
-        final = os.path.join(run_dir, checkpoint_dirs.checkpoint_name(step))
-        self._checkpoint_staging, self._push_deferred = root, False
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._checkpoint_staging = None
-        best = self.state.best_model_checkpoint
-        if best is not None and os.path.normpath(best) == os.path.normpath(staged):
-            self.state.best_model_checkpoint = final  # the state must name where it will live
-            if owner:
-                self.state.save_to_json(os.path.join(staged, checkpoint_dirs.TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if owner:
-            checkpoint_dirs.write_manifest(staged)
-            checkpoint_dirs.publish(run_dir, step)
-        self.accelerator.wait_for_everyone()
-        if self._push_deferred:
-            super()._push_from_checkpoint(final)
-        if owner:
-            checkpoint_dirs.rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
-
-    def _get_output_dir(self, trial) -> str:
-        # While a checkpoint is staged, the Trainer's own save code writes into the staging root.
-        if self._checkpoint_staging is not None:
-            return self._checkpoint_staging
-        return super()._get_output_dir(trial)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Pushed once the checkpoint is in place, never from the staging directory.
-        if self._checkpoint_staging is not None:
-            self._push_deferred = True
-            return
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    # ---- checkpoints: weights restored whole; FSAM's EMA travels with the optimizer state --
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Resume with every tensor restored (see ``checkpoints.py``), or fail naming the mismatch."""
-        self._load_weights_whole(resume_from_checkpoint, model, super()._load_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end`` with every tensor restored, like resume."""
-        checkpoint = self.state.best_model_checkpoint
-        logger.info("Loading best model from %s (score: %s).", checkpoint, self.state.best_metric)
-        self._load_weights_whole(checkpoint, None, lambda *_: super(ZSAMTrainer, self)._load_best_model())
-
-    def _load_weights_whole(self, checkpoint: str, model, trainer_loader) -> None:
-        model = self.model if model is None else model
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # sharded states: the backend's own loader
-            trainer_loader(checkpoint, model)
-        elif is_peft_model(model):  # the adapter alone is saved; PEFT's load_adapter reads it
-            check_adapter_checkpoint(model, checkpoint)
-            trainer_loader(checkpoint, model)
-        else:
-            load_checkpoint_weights(model, checkpoint)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.perturbation.ema:
-            os.makedirs(output_dir, exist_ok=True)
-            path = os.path.join(output_dir, SAM_STATE_FILE.format(rank=self.args.process_index))
-            torch.save(self.perturbation.state_dict(), path)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        # Fewer state files than ranks under DDP: share rank 0's (replicas hold the same average).
-        # Under FSDP2 each rank's average is its own slice: only its own file will do.
-        ranks = (self.args.process_index,) if self.is_fsdp_enabled else (self.args.process_index, 0)
-        for rank in ranks:
-            path = os.path.join(checkpoint, SAM_STATE_FILE.format(rank=rank))
-            if os.path.isfile(path):
-                self.perturbation.load_state_dict(
-                    torch.load(path, weights_only=True), device=self.args.device
-                )
-                return
-
-    # ---- model card --------------------------------------------------------------------------
-    def create_model_card(
-        self,
-        language: str | None = None,
-        license: str | None = None,
-        tags: str | list[str] | None = None,
-        model_name: str | None = None,
-        finetuned_from: str | None = None,
-        tasks: str | list[str] | None = None,
-        dataset_tags: str | list[str] | None = None,
-        dataset: str | list[str] | None = None,
-        dataset_args: str | list[str] | None = None,
-    ) -> None:
-        """Write README.md in ``output_dir``: SAM hyper-parameters, schedule, results, command, BibTeX.
-
-        Called by ``push_to_hub`` like the Trainer's own; scripts call it after saving. The task
-        (``tasks``, else read from the model's head) decides the pipeline tag and the model-index.
-        """
-        if not self.is_world_process_zero():
-            return
-        info = self.model_card_info
-        model = self.accelerator.unwrap_model(self.model)
-        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
-        task = (tasks if isinstance(tasks, str) else (tasks or [None])[0]) or task_of(model)
-        base_model = finetuned_from or info.get("base_model", _pretrained_name(model))
-        context = CardContext(
-            model_name=model_name or info.get("model_name") or Path(self.args.output_dir).name,
-            sam=self.args.sam_hyperparameters(),
-            training=self._card_training_rows(model),
-            dataset=(dataset if isinstance(dataset, str) else None) or info.get("dataset"),
-            dataset_display=info.get("dataset_display"),
-            base_model=base_model,
-            license=license or info.get("license", "apache-2.0"),
-            metrics=self._card_metrics(info.get("eval_split", "validation")),
-            command=info.get("command"),
-            tags=[*info.get("tags", []), *extra_tags],
-            task=task,
-        )
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        build_model_card(context).save(os.path.join(self.args.output_dir, "README.md"))
-
-    def _card_training_rows(self, model) -> dict:
-        args = self.args
-        optimizer = args.optim.value if hasattr(args.optim, "value") else str(args.optim)
-        if "adam" in optimizer:
-            optimizer += f" (betas=({args.adam_beta1}, {args.adam_beta2}), eps={args.adam_epsilon})"
-        rows = {
-            "architecture": _pretrained_name(model) or type(model).__name__,
-            "optimizer": optimizer,
-            "learning_rate": args.learning_rate,
-            "weight_decay": args.weight_decay,
-            "lr_scheduler_type": args.lr_scheduler_type.value
-            if hasattr(args.lr_scheduler_type, "value")
-            else args.lr_scheduler_type,
-            "warmup_steps": args.warmup_steps,
-            "train_batch_size (per device)": args.per_device_train_batch_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "num_devices": args.world_size,
-            "total_train_batch_size": args.per_device_train_batch_size
-            * args.gradient_accumulation_steps
-            * args.world_size,
-            "num_epochs" if args.max_steps <= 0 else "max_steps": args.num_train_epochs
-            if args.max_steps <= 0
-            else args.max_steps,
-            "max_grad_norm": args.max_grad_norm,
-            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
-            "seed": args.seed,
-        }
-        if self.state.global_step:
-            rows["optimizer steps run"] = self.state.global_step
-        return rows
-
-    def _card_metrics(self, eval_split: str) -> dict[str, dict[str, float]]:
-        """The latest evaluation of each split in the logs: {"validation": {"accuracy": ...}, "test": {...}}.
-
-        Every metric ``compute_metrics`` returned is kept; loss and speed figures are not.
-        """
-        metrics: dict[str, dict[str, float]] = {}
-        for entry in self.state.log_history:
-            for prefix, split in (("eval_", eval_split), ("test_", "test")):
-                found = {
-                    k[len(prefix) :]: v
-                    for k, v in entry.items()
-                    if k.startswith(prefix)
-                    and isinstance(v, (int, float))
-                    and not k.endswith(_NOT_CARD_METRICS)
-                }
-                if found:
-                    metrics[split] = found
-        return metrics
+    _zsam_arguments_class = ZSAMTrainingArguments
 
 
-_NOT_CARD_METRICS = (
-    "loss",
-    "runtime",
-    "samples_per_second",
-    "steps_per_second",
-    "epoch",
-    "model_preparation_time",
-)
+class ZSAMSeq2SeqTrainer(ZSAMTrainerMixin, Seq2SeqTrainer):
+    """``Seq2SeqTrainer`` (translation, summarization; ``predict_with_generate``) with the two-pass step."""
+
+    _zsam_arguments_class = with_zsam_arguments(Seq2SeqTrainingArguments, "ZSAMSeq2SeqTrainingArguments")
 
 
-def _pretrained_name(model) -> str | None:
-    """The checkpoint a model was loaded from (its config's name or path), None if built from scratch."""
-    config = getattr(model, "config", None)
-    return getattr(config, "_name_or_path", None) or None
-
-
-def _check_backend(args: ZSAMTrainingArguments, deepspeed: bool, fsdp_version: int | None) -> None:
-    """Refuse, with what to use instead, the engines the two-pass step cannot run on."""
-    if args.sam_variant == "none":
-        return
-    if deepspeed:
-        raise ValueError(
-            f"ZSAMTrainer does not support DeepSpeed (sam_variant={args.sam_variant!r}). To shard a model that "
-            "does not fit one GPU, use FSDP2: TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2}) or "
-            "an accelerate FSDP2 config; otherwise DDP (accelerate launch --multi_gpu, torchrun), or "
-            "sam_variant='none' for the plain Trainer."
-        )
-    if fsdp_version is None:
-        return
-    if fsdp_version != 2:
-        raise ValueError(
-            f"ZSAMTrainer supports FSDP version 2 only, got fsdp_version={fsdp_version}: set "
-            "fsdp_config={'fsdp_version': 2} (transformers' default), or use DDP."
-        )
-    if args.sam_sync_ascent is False:
-        raise ValueError(
-            "sam_sync_ascent=False cannot hold under FSDP: every rank all-gathers the same weights, so the "
-            "ascent gradient is necessarily the one averaged over ranks (sam_sync_ascent=True). Leave "
-            "sam_sync_ascent unset (None), or set it to True."
-        )
-
-
-def _gradients_through_backward(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """grad of ``loss`` via ``.backward()``, leaving each ``.grad`` as it was before.
-
-    The earlier micro-batches' descent gradients (gradient accumulation) are set aside, not
-    copied, while the ascent gradient fills ``.grad``; then they are put back.
-    """
-    stashed = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        loss.backward()
-        grads = [p.grad for p in params]
-    finally:
-        for p, grad in zip(params, stashed):
-            p.grad = grad
-    return grads
-
-
-@torch.no_grad()
-def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """This rank's slice of a sharded (DTensor) parameter or gradient, sharing its storage; others as they are.
-
-    Taken without autograd, so the slice is a plain tensor the perturbation may write in place.
-    """
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _rng_devices(model: torch.nn.Module) -> list[int]:
-    param = next(model.parameters(), None)
-    if param is not None and param.device.type == "cuda":
-        return [param.device.index if param.device.index is not None else torch.cuda.current_device()]
-    return []
-
-
-def _all_reduce_mean(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Average the ascent gradients over replicas in one flat all-reduce (gloo has no AVG)."""
-    filled = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-    flat = torch.cat([g.reshape(-1) for g in filled])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    chunks = torch.split(flat, [g.numel() for g in filled])
-    return [chunk.view_as(g).to(g.dtype) for chunk, g in zip(chunks, filled)]
+ZSAMSeq2SeqTrainingArguments = ZSAMSeq2SeqTrainer._zsam_arguments_class
+_PAIRS[(Trainer, TrainingArguments)] = (ZSAMTrainer, ZSAMTrainingArguments)
+_PAIRS[(Seq2SeqTrainer, Seq2SeqTrainingArguments)] = (ZSAMSeq2SeqTrainer, ZSAMSeq2SeqTrainingArguments)

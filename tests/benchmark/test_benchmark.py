@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from script_loader import load_script as load_script_named
 from toy import TinyClassifier, vector_dataset
 from transformers import TrainerCallback
 
@@ -18,12 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_optimizers", ROOT / "scripts" / "benchmark_optimizers.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script_named("benchmark_optimizers")
 
 
 TINY = [

@@ -8,7 +8,7 @@ import statistics
 
 import numpy as np
 import pytest
-from test_benchmark import load_script
+from script_loader import load_script
 
 from zsam_hf.benchmark.separation import paired_difference, t_quantile_975
 from zsam_hf.vision.data import noisy_labels
@@ -100,7 +100,7 @@ STUDY = [
 
 
 def test_separation_study_runs_every_cell_and_reports_paired_intervals(tmp_path):
-    script = load_script()
+    script = load_script("benchmark_optimizers")
     out = tmp_path / "study"
     assert script.main([*STUDY, "--output_dir", str(out), "--shard", "0/2"]) == 0
     half = {r["name"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
