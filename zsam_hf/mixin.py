@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -103,10 +104,13 @@ class ZSAMTrainerMixin:
     zsam_per_batch_state: tuple[str, ...] = ("_metrics", "_total_train_tokens")
     _zsam_arguments_class: type = None  # set by with_zsam; the default arguments class
 
-    def __init__(self, model=None, args=None, *more, **kwargs):
+    def __init__(self, *positional, **keywords):
+        # The host's own signature says where ``args`` goes (DPOTrainer takes ref_model before it).
+        bound = inspect.signature(super().__init__).bind_partial(*positional, **keywords)
         arguments_class = self._zsam_arguments_class or ZSAMTrainingArguments
+        args = bound.arguments.get("args")
         if args is None:
-            args = arguments_class(output_dir="tmp_trainer")
+            args = bound.arguments["args"] = arguments_class(output_dir="tmp_trainer")
         if not isinstance(args, ZSAMArgumentsMixin):
             raise TypeError(
                 f"args must carry the SAM fields, got a plain {type(args).__name__}: build it with "
@@ -115,7 +119,7 @@ class ZSAMTrainerMixin:
         # Once from the arguments (fail before any model work), once from what accelerate set up.
         requested_fsdp = int((args.fsdp_config or {}).get("version", 2)) if args.fsdp else None
         _check_backend(args, deepspeed=bool(args.deepspeed), fsdp_version=requested_fsdp)
-        super().__init__(model, args, *more, **kwargs)
+        super().__init__(*bound.args, **bound.kwargs)
         fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
         _check_backend(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=fsdp_version)
         self.perturbation = SharpnessPerturbation(
