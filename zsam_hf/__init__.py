@@ -3,6 +3,7 @@
 from .checkpoint_dirs import IncompleteCheckpointError, last_complete_checkpoint
 from .config import ZSAMArgumentsMixin, ZSAMTrainingArguments, with_zsam_arguments
 from .mixin import ZSAMTrainerMixin
+from .optim import ZSAM
 from .perturbation import SharpnessPerturbation
 from .selection import interpolated_quantile, zscore_mask
 from .trainer import ZSAMSeq2SeqTrainer, ZSAMSeq2SeqTrainingArguments, ZSAMTrainer, with_zsam
@@ -10,6 +11,7 @@ from .trainer import ZSAMSeq2SeqTrainer, ZSAMSeq2SeqTrainingArguments, ZSAMTrain
 __all__ = [
     "IncompleteCheckpointError",
     "SharpnessPerturbation",
+    "ZSAM",
     "ZSAMArgumentsMixin",
     "ZSAMSeq2SeqTrainer",
     "ZSAMSeq2SeqTrainingArguments",

@@ -55,7 +55,10 @@ def _global_norm(tensors: list[torch.Tensor], shards: Shards | None = None) -> t
         return shards.squared_norms(tensors).sum().sqrt()
     if not tensors:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).float())
+    norms = torch.stack(torch._foreach_norm(tensors))
+    return torch.linalg.vector_norm(
+        norms.to(torch.promote_types(norms.dtype, torch.float32))
+    )  # fp64 stays fp64
 
 
 def _tensor_norms(tensors: list[torch.Tensor], shards: Shards | None = None) -> torch.Tensor:

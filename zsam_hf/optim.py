@@ -1,0 +1,214 @@
+"""``ZSAM``: the two-pass step as a ``torch.optim.Optimizer``, for loops that are not the Trainer.
+
+The surface is the one SAM users already write (davda54/sam, the ZSharp authors' Lightning loop)::
+
+    loss_fn(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)     # climb to w + e from the gradients in .grad
+    loss_fn(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)    # back to w bit for bit, then the base optimizer's step
+
+or ``optimizer.step(closure)`` with a closure that recomputes the loss and calls ``backward()``.
+It is a thin front door: e is built, applied and undone by ``perturbation.SharpnessPerturbation``,
+the very code the Trainer's step runs, so both give the same weights on the same batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .perturbation import DEFAULT_RHO, NORMALIZATIONS, VARIANTS, AppliedPerturbation, SharpnessPerturbation
+
+ParamsT = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict]
+
+
+def _named_groups(params: ParamsT) -> tuple[list[dict], dict[int, str], bool]:
+    """Param groups of plain tensors, each tensor's name (by id), and whether the caller gave names."""
+    items = list(params)
+    if not items:
+        raise ValueError("ZSAM got an empty parameter list")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    names: dict[int, str] = {}
+    named = None
+    plain_groups = []
+    for group in groups:
+        tensors = []
+        for entry in (
+            list(group["params"]) if not isinstance(group["params"], torch.Tensor) else [group["params"]]
+        ):
+            is_pair = isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str)
+            named = is_pair if named is None else named
+            if is_pair != named:
+                raise ValueError(
+                    "ZSAM params mix named (name, tensor) pairs and plain tensors: give one kind"
+                )
+            name, tensor = entry if is_pair else (f"param{len(names)}", entry)
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"ZSAM params must be tensors or (name, tensor) pairs, got {type(tensor).__name__}"
+                )
+            names[id(tensor)] = name
+            tensors.append(tensor)
+        plain_groups.append({**group, "params": tensors})
+    return plain_groups, names, bool(named)
+
+
+class ZSAM(torch.optim.Optimizer):
+    """ZSAM (or SAM, ASAM, Friendly-SAM) around any base optimizer.
+
+    Args:
+        params: ``model.parameters()``, ``model.named_parameters()`` (ASAM needs the names: it
+            scales parameters whose name contains "weight"), or param groups of either.
+        base_optimizer: the optimizer class that takes the actual step (``torch.optim.AdamW``, ...),
+            built here on the same param groups with ``base_optimizer_kwargs``.
+        variant: "zsam" (default), "sam", "asam" or "fsam".
+        rho: radius of the ascent step; None picks the variant's default (0.05; ASAM 0.5).
+        quantile, normalization: ZSAM's Q_p and "global" (the paper) or "tensor" (the released code).
+        asam_eta, fsam_sigma, fsam_lambda: the baselines' hyper-parameters.
+
+    ``param_groups`` are the base optimizer's own, so a learning-rate scheduler built on either
+    drives both. ``state_dict()`` holds the base optimizer's state and Friendly-SAM's average.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type[torch.optim.Optimizer],
+        *,
+        variant: str = "zsam",
+        rho: float | None = None,
+        quantile: float = 0.95,
+        normalization: str = "global",
+        asam_eta: float = 0.01,
+        fsam_sigma: float = 1.0,
+        fsam_lambda: float = 0.9,
+        **base_optimizer_kwargs,
+    ):
+        _check_arguments(base_optimizer, variant, rho, quantile, normalization)
+        groups, self._names, named = _named_groups(params)
+        if variant == "asam" and not named:
+            raise ValueError(
+                "variant='asam' scales the parameters whose name contains 'weight': pass "
+                "model.named_parameters() as params, not model.parameters()"
+            )
+        rho = DEFAULT_RHO[variant] if rho is None else rho
+        self._ready = False
+        self.base_optimizer = base_optimizer(groups, **base_optimizer_kwargs)
+        super().__init__(self.base_optimizer.param_groups, dict(self.base_optimizer.defaults))
+        self.param_groups = self.base_optimizer.param_groups  # one set of groups: schedulers drive both
+        self._ready = True
+        self.perturbation = SharpnessPerturbation(
+            variant=variant, rho=rho, quantile=quantile, normalization=normalization, asam_eta=asam_eta,
+            fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda,
+        )  # fmt: skip
+        self._applied: AppliedPerturbation | None = None
+        self.last_perturbation_norm: torch.Tensor | None = None  # ||e|| of the latest first_step
+
+    # ---- the two-pass step -------------------------------------------------------------------
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Climb to the neighbour w + e, e built from the gradients now in ``.grad``."""
+        if self._applied is not None:
+            raise RuntimeError("first_step() was called twice: call second_step() after each first_step()")
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            raise RuntimeError(
+                "first_step() found no gradient in .grad: compute the loss and call loss.backward() first"
+            )
+        # e is built in the gradient buffers themselves when they are about to be cleared anyway
+        grads = [p.grad if zero_grad else p.grad.clone() for p in params]
+        names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        self._applied, stats = self.perturbation.perturb(names, params, grads)
+        self.last_perturbation_norm = None if stats is None else stats.norm
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Go back to w exactly, then let the base optimizer step with the gradient taken at w + e."""
+        if self._applied is None:
+            raise RuntimeError("second_step() was called without first_step(): call first_step() before it")
+        self._applied.restore()
+        self._applied = None
+        self.base_optimizer.step()
+        self._opt_called = True  # an LR scheduler on this optimizer sees the step (as optimizer.step())
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """Both steps: ``.grad`` must hold the gradient at w; ``closure`` recomputes the loss and calls
+        ``backward()`` (it runs with autograd on, at w + e). Returns the closure's loss."""
+        if closure is None:
+            raise ValueError(
+                "ZSAM.step() needs a closure that recomputes the loss and calls loss.backward(), "
+                "or call first_step() and second_step() yourself"
+            )
+        self.first_step(zero_grad=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+            if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+                raise RuntimeError("the closure computed no gradient: it must call loss.backward()")
+        except BaseException:
+            self._applied.restore()  # never leave the weights at w + e
+            self._applied = None
+            raise
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "base_optimizer": self.base_optimizer.state_dict(),
+            "perturbation": self.perturbation.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self.param_groups = self.base_optimizer.param_groups
+        device = next((p.device for g in self.param_groups for p in g["params"]), None)
+        self.perturbation.load_state_dict(state_dict.get("perturbation", {}), device=device)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not self._ready:  # torch.optim.Optimizer.__init__ adds the base optimizer's groups
+            return super().add_param_group(param_group)
+        groups, names, _ = _named_groups([param_group])
+        self._names.update(names)
+        self.base_optimizer.add_param_group(groups[0])
+        self.param_groups = self.base_optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns an empty one: keep the base's
+        pass
+
+
+def _check_arguments(base_optimizer, variant, rho, quantile, normalization) -> None:
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        name = type(base_optimizer).__name__
+        raise TypeError(
+            f"base_optimizer is a {name} instance: pass the class ({name}) and its arguments as keywords, "
+            f"e.g. ZSAM(model.parameters(), torch.optim.{name}, lr=...), so both share one set of param groups"
+        )
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        raise TypeError(
+            f"base_optimizer={base_optimizer!r} is invalid: expected a torch.optim.Optimizer class such as "
+            "torch.optim.AdamW (the class, not an instance; its arguments go to ZSAM as keywords)"
+        )
+    if variant not in VARIANTS or variant == "none":
+        raise ValueError(f"variant={variant!r} is invalid: expected one of {', '.join(VARIANTS[:-1])}")
+    if rho is not None and not (isinstance(rho, (int, float)) and rho > 0 and rho != float("inf")):
+        raise ValueError(f"rho={rho!r} is invalid: expected a finite number > 0 (or None for the default)")
+    if not (isinstance(quantile, (int, float)) and 0 <= quantile < 1):
+        raise ValueError(f"quantile={quantile!r} is invalid: expected a number in [0, 1)")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization={normalization!r} is invalid: expected one of {', '.join(NORMALIZATIONS)}"
+        )
