@@ -131,7 +131,11 @@ class ZSAM(torch.optim.Optimizer):
             raise RuntimeError("second_step() was called without first_step(): call first_step() before it")
         self._applied.restore()
         self._applied = None
+        # Under Lightning's manual optimization `self` is its LightningOptimizer wrapper, whose hooks
+        # count the step (trainer.global_step) when step() is called; second_step is that step here.
+        getattr(self, "_on_before_step", _nothing)()
         self.base_optimizer.step()
+        getattr(self, "_on_after_step", _nothing)()
         self._opt_called = True  # an LR scheduler on this optimizer sees the step (as optimizer.step())
         if zero_grad:
             self.zero_grad()
@@ -188,6 +192,10 @@ class ZSAM(torch.optim.Optimizer):
     @state.setter
     def state(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns an empty one: keep the base's
         pass
+
+
+def _nothing() -> None:
+    pass
 
 
 def _check_arguments(base_optimizer, variant, rho, quantile, normalization) -> None:
