@@ -38,7 +38,7 @@ from .card import CardContext, build_model_card, card_metrics, card_training_row
 from .checkpoints import check_adapter_checkpoint, is_peft_model, load_checkpoint_weights
 from .config import ZSAMArgumentsMixin, ZSAMTrainingArguments
 from .perturbation import PerturbationStats, SharpnessPerturbation
-from .sharding import Shards
+from .sharding import Shards, all_reduce_mean
 
 SAM_STATE_FILE = "sam_state_rank{rank}.pt"
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class ZSAMTrainerMixin:
             and dist.is_initialized()
             and dist.get_world_size() > 1
         ):
-            grads = _all_reduce_mean(grads, params)
+            grads = all_reduce_mean(grads, params)
         return grads
 
     # ---- logs -------------------------------------------------------------------------
@@ -516,13 +516,3 @@ def _rng_devices(model: torch.nn.Module) -> list[int]:
     if param is not None and param.device.type == "cuda":
         return [param.device.index if param.device.index is not None else torch.cuda.current_device()]
     return []
-
-
-def _all_reduce_mean(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Average the ascent gradients over replicas in one flat all-reduce (gloo has no AVG)."""
-    filled = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
-    flat = torch.cat([g.reshape(-1) for g in filled])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    chunks = torch.split(flat, [g.numel() for g in filled])
-    return [chunk.view_as(g).to(g.dtype) for chunk, g in zip(chunks, filled)]

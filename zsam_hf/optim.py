@@ -8,17 +8,28 @@ The surface is the one SAM users already write (davda54/sam, the ZSharp authors'
     optimizer.second_step(zero_grad=True)    # back to w bit for bit, then the base optimizer's step
 
 or ``optimizer.step(closure)`` with a closure that recomputes the loss and calls ``backward()``.
+Under gradient accumulation (accelerate's ``accumulate``, or by hand) each micro-batch takes its
+own ascent, so the ascent gradient must not mix with the descent gradients already accumulated::
+
+    with optimizer.ascent():                 # .grad set aside; g of this micro-batch alone
+        accelerator.backward(model(**batch).loss)
+    accelerator.backward(model(**batch).loss)    # at w + e: adds to the accumulated .grad
+    optimizer.restore()                      # back to w before the next micro-batch
+    accelerated_optimizer.step()             # accelerate's (only on sync steps): the base step
 It is a thin front door: e is built, applied and undone by ``perturbation.SharpnessPerturbation``,
 the very code the Trainer's step runs, so both give the same weights on the same batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from .perturbation import DEFAULT_RHO, NORMALIZATIONS, VARIANTS, AppliedPerturbation, SharpnessPerturbation
+from .sharding import all_reduce_mean
 
 ParamsT = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict]
 
@@ -66,6 +77,9 @@ class ZSAM(torch.optim.Optimizer):
         rho: radius of the ascent step; None picks the variant's default (0.05; ASAM 0.5).
         quantile, normalization: ZSAM's Q_p and "global" (the paper) or "tensor" (the released code).
         asam_eta, fsam_sigma, fsam_lambda: the baselines' hyper-parameters.
+        sync_ascent: average the ascent gradient over the processes of the default process group
+            before building e (one flat all-reduce); False (default): each replica climbs with its
+            own gradient, as in the SAM paper (take the ascent backward inside ``no_sync``).
 
     ``param_groups`` are the base optimizer's own, so a learning-rate scheduler built on either
     drives both. ``state_dict()`` holds the base optimizer's state and Friendly-SAM's average.
@@ -83,6 +97,7 @@ class ZSAM(torch.optim.Optimizer):
         asam_eta: float = 0.01,
         fsam_sigma: float = 1.0,
         fsam_lambda: float = 0.9,
+        sync_ascent: bool = False,
         **base_optimizer_kwargs,
     ):
         _check_arguments(base_optimizer, variant, rho, quantile, normalization)
@@ -102,7 +117,9 @@ class ZSAM(torch.optim.Optimizer):
             variant=variant, rho=rho, quantile=quantile, normalization=normalization, asam_eta=asam_eta,
             fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda,
         )  # fmt: skip
+        self.sync_ascent = sync_ascent
         self._applied: AppliedPerturbation | None = None
+        self._climbed = False  # a first_step since the last base step
         self.last_perturbation_norm: torch.Tensor | None = None  # ||e|| of the latest first_step
 
     # ---- the two-pass step -------------------------------------------------------------------
@@ -118,8 +135,11 @@ class ZSAM(torch.optim.Optimizer):
             )
         # e is built in the gradient buffers themselves when they are about to be cleared anyway
         grads = [p.grad if zero_grad else p.grad.clone() for p in params]
+        if self.sync_ascent and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            grads = all_reduce_mean(grads, params)
         names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
         self._applied, stats = self.perturbation.perturb(names, params, grads)
+        self._climbed = True
         self.last_perturbation_norm = None if stats is None else stats.norm
         if zero_grad:
             self.zero_grad()
@@ -134,20 +154,60 @@ class ZSAM(torch.optim.Optimizer):
         # Under Lightning's manual optimization `self` is its LightningOptimizer wrapper, whose hooks
         # count the step (trainer.global_step) when step() is called; second_step is that step here.
         getattr(self, "_on_before_step", _nothing)()
-        self.base_optimizer.step()
+        self._base_step()
         getattr(self, "_on_after_step", _nothing)()
-        self._opt_called = True  # an LR scheduler on this optimizer sees the step (as optimizer.step())
         if zero_grad:
             self.zero_grad()
 
+    def _base_step(self) -> None:
+        self.base_optimizer.step()
+        self._climbed = False
+        self._opt_called = True  # an LR scheduler on this optimizer sees the step (as optimizer.step())
+
+    @contextlib.contextmanager
+    def ascent(self):
+        """The backward inside computes the ascent gradient alone; on leaving, climb to w + e.
+
+        The gradients already in ``.grad`` (earlier micro-batches' descent gradients under
+        accumulation) are set aside, not copied, and put back once e is built.
+        """
+        if self._applied is not None:
+            raise RuntimeError("ascent() while at w + e: call restore() or second_step() first")
+        params = [p for group in self.param_groups for p in group["params"]]
+        stashed = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            yield self
+            self.first_step(zero_grad=True)
+        finally:
+            for p, grad in zip(params, stashed):
+                p.grad = grad
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Back to w bit for bit, without a step (a no-op at w)."""
+        if self._applied is not None:
+            self._applied.restore()
+            self._applied = None
+
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """Both steps: ``.grad`` must hold the gradient at w; ``closure`` recomputes the loss and calls
-        ``backward()`` (it runs with autograd on, at w + e). Returns the closure's loss."""
+        """With ``closure``: both steps (``.grad`` holds the gradient at w; the closure recomputes the loss
+        and calls ``backward()``, with autograd on, at w + e); returns its loss. Without: finish the step,
+        back to w if needed, then the base optimizer's step (what accelerate's wrapper and a GradScaler call).
+        """
         if closure is None:
-            raise ValueError(
-                "ZSAM.step() needs a closure that recomputes the loss and calls loss.backward(), "
-                "or call first_step() and second_step() yourself"
-            )
+            if not self._climbed:
+                raise RuntimeError(
+                    "ZSAM.step() without a closure, and no first_step() or ascent() since the last step: "
+                    "that would be the base optimizer's plain step. Pass a closure that recomputes the loss "
+                    "and calls backward(), or call first_step() (or use ascent()) before it"
+                )
+            if self._applied is None:
+                self._base_step()
+            else:
+                self.second_step()
+            return None
         self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():

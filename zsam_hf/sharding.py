@@ -50,3 +50,16 @@ class Shards:
                 self.sum(torch.stack(torch._foreach_norm([t.reshape(-1) for t in tensors])).float())
             ).all()
         )
+
+
+def all_reduce_mean(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Average the ascent gradients over replicas in one flat all-reduce (gloo has no AVG).
+
+    Used by both front doors (the Trainer mixin and the ZSAM optimizer) for a synchronized ascent.
+    """
+    filled = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    flat = torch.cat([g.reshape(-1) for g in filled])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    chunks = torch.split(flat, [g.numel() for g in filled])
+    return [chunk.view_as(g).to(g.dtype) for chunk, g in zip(chunks, filled)]

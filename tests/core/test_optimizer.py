@@ -218,8 +218,8 @@ def test_bad_input_says_what_is_wrong():
         optimizer.second_step()
     with pytest.raises(RuntimeError, match="no gradient in .grad"):
         optimizer.first_step()
-    with pytest.raises(ValueError, match="needs a closure"):
-        optimizer.step()
+    with pytest.raises(RuntimeError, match="that would be the base optimizer's plain step"):
+        optimizer.step()  # a drop-in swap for SGD that forgot the second pass: refused, not plain SGD
     batch = {k: v[:8] for k, v in vector_dataset(8).columns.items()}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(**batch)["loss"].backward()
