@@ -39,7 +39,7 @@ from .data import (
     with_label_noise,
 )
 from .metrics import classification_metrics
-from .models import PAPER_MODELS, Preprocessing, build_model
+from .models import PAPER_MODELS, BuiltModel, Preprocessing, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -192,19 +192,26 @@ def _dataset_for_card(name: str) -> tuple[str, str]:
 
 
 @dataclass
-class BuiltRun:
-    trainer: ZSAMTrainer
-    test: object | None  # the test split, transformed for evaluation (None when there is none)
+class PreparedData:
+    """Everything a training loop needs from the data and model arguments (shared by the Trainer
+    script and the accelerate no_trainer script)."""
+
+    train: object  # the training split, augmented (SeededAugmentation) into pixel_values / labels
+    eval: object  # the evaluation split, transformed for evaluation
+    eval_name: str
+    test: object | None
     labels: list[str]
+    built: BuiltModel
+    augmentation: SeededAugmentation
     train_images: object  # the training images as evaluated: no augmentation, their true labels
     train_labels: list[int]  # the labels trained on (noisy where train_label_noise > 0)
     train_true_labels: list[int]  # the training images' true labels
+    dataset_id: str
+    dataset_display: str
 
 
-def build_trainer(
-    model_args: ModelArguments, data_args: DataArguments, training_args: ZSAMTrainingArguments
-) -> BuiltRun:
-    """Data, model, transforms and the Trainer; raises before touching ``output_dir``."""
+def prepare_data(model_args: ModelArguments, data_args: DataArguments, seed: int) -> PreparedData:
+    """Load and split the data, build the model and the transforms; raises before any training."""
     raw = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir)
     columns = resolve_columns(train_split(raw), data_args.image_column_name, data_args.label_column_name)
     splits = make_splits(
@@ -214,13 +221,11 @@ def build_trainer(
         train_val_split=data_args.train_val_split,
         max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples,
-        seed=training_args.seed,
+        seed=seed,
     )
     clean_columns = columns
     if data_args.train_label_noise > 0:
-        splits.train = with_label_noise(
-            splits.train, columns, data_args.train_label_noise, training_args.seed
-        )
+        splits.train = with_label_noise(splits.train, columns, data_args.train_label_noise, seed)
         clean_columns = Columns(columns.image, CLEAN_LABEL_COLUMN, columns.names)
     image_size = model_args.image_size or first_image_size(splits.train, columns.image)
     mean, std = channel_statistics(splits.train, columns.image, image_size, 3)
@@ -236,33 +241,63 @@ def build_trainer(
     prep = built.preprocessing
     train_tf = SeededAugmentation(
         image_transform(prep.image_size, prep.mean, prep.std, prep.num_channels, True, data_args.augment),
-        seed=training_args.seed,
+        seed=seed,
     )
     eval_tf = image_transform(prep.image_size, prep.mean, prep.std, prep.num_channels, False)
-    trainer = ZSAMTrainer(
-        model=built.model,
-        args=training_args,
-        train_dataset=with_image_transform(splits.train, columns, train_tf),
-        eval_dataset=with_image_transform(splits.eval, columns, eval_tf),
-        processing_class=built.image_processor,
-        compute_metrics=classification_metrics(),
-        callbacks=[AugmentationEpoch(train_tf)],
-    )
     dataset_id, dataset_display = _dataset_for_card(data_args.dataset_name)
-    trainer.model_card_info.update(
-        dataset=dataset_id,
-        dataset_display=dataset_display,
-        eval_split=splits.eval_name,
-        base_model=built.base_model,
-    )
-    test = with_image_transform(splits.test, columns, eval_tf) if splits.test is not None else None
-    return BuiltRun(
-        trainer=trainer,
-        test=test,
+    return PreparedData(
+        train=with_image_transform(splits.train, columns, train_tf),
+        eval=with_image_transform(splits.eval, columns, eval_tf),
+        eval_name=splits.eval_name,
+        test=with_image_transform(splits.test, columns, eval_tf) if splits.test is not None else None,
         labels=columns.names,
+        built=built,
+        augmentation=train_tf,
         train_images=with_image_transform(splits.train, clean_columns, eval_tf),
         train_labels=list(splits.train[columns.label]),
         train_true_labels=list(splits.train[clean_columns.label]),
+        dataset_id=dataset_id,
+        dataset_display=dataset_display,
+    )
+
+
+@dataclass
+class BuiltRun:
+    trainer: ZSAMTrainer
+    test: object | None  # the test split, transformed for evaluation (None when there is none)
+    labels: list[str]
+    train_images: object  # the training images as evaluated: no augmentation, their true labels
+    train_labels: list[int]  # the labels trained on (noisy where train_label_noise > 0)
+    train_true_labels: list[int]  # the training images' true labels
+
+
+def build_trainer(
+    model_args: ModelArguments, data_args: DataArguments, training_args: ZSAMTrainingArguments
+) -> BuiltRun:
+    """Data, model, transforms and the Trainer; raises before touching ``output_dir``."""
+    data = prepare_data(model_args, data_args, training_args.seed)
+    trainer = ZSAMTrainer(
+        model=data.built.model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=data.built.image_processor,
+        compute_metrics=classification_metrics(),
+        callbacks=[AugmentationEpoch(data.augmentation)],
+    )
+    trainer.model_card_info.update(
+        dataset=data.dataset_id,
+        dataset_display=data.dataset_display,
+        eval_split=data.eval_name,
+        base_model=data.built.base_model,
+    )
+    return BuiltRun(
+        trainer=trainer,
+        test=data.test,
+        labels=data.labels,
+        train_images=data.train_images,
+        train_labels=data.train_labels,
+        train_true_labels=data.train_true_labels,
     )
 
 
@@ -340,9 +375,11 @@ __all__ = [
     "DataArguments",
     "DataError",
     "ModelArguments",
+    "PreparedData",
     "RunResult",
     "SCRIPT_DEFAULTS",
     "SetupError",
     "build_trainer",
+    "prepare_data",
     "run",
 ]
