@@ -13,6 +13,14 @@ Workloads are ``ARCH@SIZExBATCH`` (timm architectures, random weights, 1000 clas
     python scripts/benchmark_step.py                      # ResNet-18, 64 images of 32 px: ~2 min on 2 cores
     python scripts/benchmark_step.py --workloads vit_base_patch16_224@224x4 resnet50@224x8 --steps 3
     python scripts/benchmark_step.py --device cuda --bf16 --workloads vit_base_patch16_224@224x64 resnet50@224x128
+
+``--mode optimizer`` times the optimizer front door instead, in the plain loop users write
+(``loss.backward(); opt.first_step(zero_grad=True); loss.backward(); opt.second_step(zero_grad=True)``),
+rows taking turns call by call on the same model and batch: the base optimizer alone, our
+``ZSAM(variant="sam")`` and ``ZSAM``, the released code's ZSAM and davda54's SAM (both re-created here
+for comparison only) and pytorch_optimizer's ``SAM`` (from PyPI):
+
+    python scripts/benchmark_step.py --mode optimizer --workloads resnet18@32x64 vit_base_patch16_224@224x4
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments
+from zsam_hf import ZSAM, ZSAMTrainer, ZSAMTrainingArguments
 
 
 class Classifier(nn.Module):
@@ -127,6 +135,135 @@ def time_interleaved(steps: dict, warmup: int, repeats: int, device: str) -> tup
     return {name: statistics.median(values) for name, values in times.items()}, kept
 
 
+# ---- the optimizer front door, in a plain loop -----------------------------------------------------
+def two_step(model, optimizer, batch) -> None:
+    """davda54-style: backward, first_step, backward at w + e, second_step."""
+    model(**batch)["loss"].backward()
+    optimizer.first_step(zero_grad=True)
+    model(**batch)["loss"].backward()
+    optimizer.second_step(zero_grad=True)
+
+
+def base_step(model, optimizer, batch) -> None:
+    model(**batch)["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def davda54_sam_step(model, optimizer, batch, rho: float) -> int:
+    """davda54/sam's step (re-created): e = rho g / ||g||, a full copy of each parameter kept."""
+    model(**batch)["loss"].backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    with torch.no_grad():
+        grad_norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2)
+        old = [p.data.clone() for p in params]
+        for p in params:
+            p.add_(p.grad * (rho / (grad_norm + 1e-12)))
+    optimizer.zero_grad()
+    model(**batch)["loss"].backward()
+    with torch.no_grad():
+        for p, w in zip(params, old):
+            p.data = w
+    optimizer.step()
+    optimizer.zero_grad()
+    return sum(w.numel() * w.element_size() for w in old)
+
+
+def measure_optimizers(arch: str, image_size: int, batch_size: int, args) -> dict:
+    """The optimizer rows for one workload: medians per step, bytes kept between the passes, and on
+    CUDA each row's peak allocated memory over the base optimizer's."""
+    from pytorch_optimizer import SAM as ThirdPartySAM
+
+    torch.manual_seed(0)
+    device = args.device
+    num_classes = 1000 if image_size >= 128 else 10
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device),
+        "labels": torch.randint(0, num_classes, (batch_size,), generator=gen).to(device),
+    }
+    model = Classifier(arch, num_classes).to(device)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
+    ours_sam = ZSAM(model.parameters(), torch.optim.SGD, variant="sam", lr=1e-3)
+    ours = ZSAM(model.parameters(), torch.optim.SGD, lr=1e-3)
+    third = ThirdPartySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3)
+    davda = torch.optim.SGD(model.parameters(), lr=1e-3)
+    released = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def ours_kept(optimizer):
+        def step():
+            kept = []
+            first = optimizer.first_step
+
+            def measured_first(zero_grad=False):
+                first(zero_grad=zero_grad)
+                kept.append(optimizer._applied.extra_bytes())
+
+            optimizer.first_step = measured_first
+            two_step(model, optimizer, batch)
+            optimizer.first_step = first
+            return kept[0]
+
+        return step
+
+    def run(fn):
+        def call():
+            with autocast:
+                return fn()
+
+        return call
+
+    rows = {
+        "base optimizer (SGD)": (run(lambda: base_step(model, sgd, batch) or 0), 1),
+        "SAM (ours, ZSAM(variant='sam'))": (run(ours_kept(ours_sam)), 1),
+        "ZSAM (ours)": (run(ours_kept(ours)), 1),
+        "ZSAM (released code)": (run(lambda: released_code_step(model, released, batch, 0.05, 0.95)), 1),
+        "SAM (davda54, re-created)": (run(lambda: davda54_sam_step(model, davda, batch, 0.05)), 1),
+        "SAM (pytorch_optimizer)": (run(lambda: two_step(model, third, batch) or param_bytes), 1),
+    }
+    medians, kept = time_interleaved(rows, args.warmup, args.steps * args.rounds, device)
+    peaks = {}
+    if device == "cuda":
+        for name, (fn, _) in rows.items():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated()
+    return {"workload": f"{arch}@{image_size}x{batch_size}", "medians_s": medians, "extra_bytes": kept,
+            "param_bytes": param_bytes, "peak_bytes": peaks}  # fmt: skip
+
+
+def report_optimizers(result: dict, args) -> None:
+    medians, kept, param_bytes = result["medians_s"], result["extra_bytes"], result["param_bytes"]
+    base = medians["base optimizer (SGD)"]
+    sams = {k: v for k, v in medians.items() if k.startswith("SAM")}
+    fastest_other = min(v for k, v in sams.items() if "ours" not in k)
+    print(f"\n{result['workload']}, device {args.device}{' bf16' if args.bf16 else ''}, threads "
+          f"{torch.get_num_threads()}, {args.rounds * args.steps} timed calls per row, rows interleaved")  # fmt: skip
+    print(f"{'row':<34}{'per step (ms)':>15}{'vs base':>9}{'vs fastest other SAM':>22}{'kept / params':>15}")
+    for name, value in medians.items():
+        print(f"{name:<34}{value * 1000:>15.1f}{value / base:>9.3f}{value / fastest_other:>22.3f}"
+              f"{kept[name] / param_bytes:>15.3f}")  # fmt: skip
+    if result["peak_bytes"]:
+        base_peak = result["peak_bytes"]["base optimizer (SGD)"]
+        for name, peak in result["peak_bytes"].items():
+            print(
+                f"  peak allocated, {name}: {(peak - base_peak) / param_bytes:+.3f} x params over the base row"
+            )
+    ours, our_sam, released = (
+        medians["ZSAM (ours)"],
+        medians["SAM (ours, ZSAM(variant='sam'))"],
+        medians["ZSAM (released code)"],
+    )
+    print(
+        f"ZSAM (ours) / fastest other SAM: {ours / fastest_other:.3f} (goal <= 1.05); our SAM / fastest other "
+        f"SAM: {our_sam / fastest_other:.3f} (goal <= 1.00); released code / our ZSAM: {released / ours:.3f}"
+    )
+
+
 def parse_workload(text: str) -> tuple[str, int, int]:
     """``resnet50@224x8`` -> ("resnet50", 224, 8)."""
     arch, _, rest = text.partition("@")
@@ -214,11 +351,19 @@ def main() -> None:
         "--no_released", dest="released", action="store_false", help="skip the released-code row"
     )
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--mode", choices=["trainer", "optimizer"], default="trainer",
+        help="time ZSAMTrainer's step (default) or the ZSAM optimizer beside other SAM optimizers",
+    )  # fmt: skip
     args = parser.parse_args()
     results = []
     for text in args.workloads:
-        results.append(measure(*parse_workload(text), args))
-        report(results[-1], args)
+        if args.mode == "optimizer":
+            results.append(measure_optimizers(*parse_workload(text), args))
+            report_optimizers(results[-1], args)
+        else:
+            results.append(measure(*parse_workload(text), args))
+            report(results[-1], args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"results": results, **vars(args)}, f, indent=2)
