@@ -204,6 +204,7 @@ def _assert_same_run(killed: Path, straight: Path) -> None:
         assert_identical(_weights(killed / name), _weights(straight / name))
 
 
+@pytest.mark.fault_injection
 def test_sigkill_at_any_instant_resumes_bit_identically(tmp_path):
     variants = ("zsam", "fsam")  # fsam: its gradient average travels in the checkpoint too
     with ThreadPoolExecutor(2) as pool:
@@ -237,6 +238,7 @@ def test_sigkill_at_any_instant_resumes_bit_identically(tmp_path):
     assert kills >= 20 and mid_save >= 10, (kills, mid_save)
 
 
+@pytest.mark.fault_injection
 def test_ddp_rank_killed_mid_save_resumes_bit_identically(tmp_path):
     """2 gloo processes under torchrun; one rank SIGKILLed mid-save takes the job down (torchrun ends
     the other), and the same torchrun command resumes to the uninterrupted DDP run's weights."""

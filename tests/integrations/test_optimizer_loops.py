@@ -8,7 +8,10 @@ from toy import TinyClassifier, vector_dataset
 
 from zsam_hf import ZSAM
 
-pl = pytest.importorskip("pytorch_lightning", reason="pytorch-lightning is in the test extra")
+pl = pytest.importorskip(
+    "pytorch_lightning",
+    reason="pytorch-lightning is in the integrations extra: pip install zsam-hf[integrations]",
+)
 
 
 class ZSAMModule(pl.LightningModule):
