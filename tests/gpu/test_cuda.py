@@ -6,7 +6,9 @@
 2. inside ZSAMTrainer on the GPU, the optimizer receives grad L(w + e) computed by hand and
    the weights before the optimizer step are w bit for bit;
 3. fp16 with the real GradScaler: one unscale per step, overflowing steps skipped, no NaN;
-   bf16 autocast trains.
+   bf16 autocast trains;
+4. the ZSAM optimizer in an accelerate fp16 loop (the README's recipe, accumulation 2): the
+   GradScaler unscales once per optimizer step, overflowing steps are skipped, no NaN.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from reference import reference_offsets
 from transformers import TrainerCallback
 
-from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments, zscore_mask
+from zsam_hf import ZSAM, ZSAMTrainer, ZSAMTrainingArguments, zscore_mask
 
 DEVICE = torch.device("cuda")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -177,3 +179,34 @@ def test_bf16() -> None:
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert all(np.isfinite(h["sharpness"]) and h["perturbation_norm"] > 0 for h in logs), logs
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_optimizer_in_an_accelerate_fp16_loop() -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="fp16", gradient_accumulation_steps=2)
+    assert accelerator.scaler is not None, "fp16 on CUDA should bring a GradScaler"
+    CountingScaler.calls = 0
+    accelerator.scaler = CountingScaler("cuda", init_scale=2.0**40, backoff_factor=2.0**-10)
+    model = Net()
+    zsam = ZSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    loader = torch.utils.data.DataLoader(VectorData(96, scale=100.0), batch_size=8)
+    model, optimizer, loader = accelerator.prepare(model, zsam, loader)
+    weights = []
+    for batch in loader:
+        with accelerator.accumulate(model):
+            with zsam.ascent(), accelerator.no_sync(model):
+                accelerator.backward(model(**batch)["loss"])
+            accelerator.backward(model(**batch)["loss"])
+            zsam.restore()
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                weights.append([p.detach().clone() for p in model.parameters()])
+            optimizer.step()
+            optimizer.zero_grad()
+    steps = len(loader) // 2
+    assert CountingScaler.calls == steps, (CountingScaler.calls, steps)  # one unscale per optimizer step
+    assert accelerator.scaler.get_scale() < 2.0**40, "no overflow happened: skipping was not exercised"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    final = [p.detach() for p in model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(weights[0], final)), "no step was taken at all"
