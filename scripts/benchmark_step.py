@@ -135,6 +135,19 @@ def time_interleaved(steps: dict, warmup: int, repeats: int, device: str) -> tup
     return {name: statistics.median(values) for name, values in times.items()}, kept
 
 
+def workload(arch: str, image_size: int, batch_size: int, device: str):
+    """A timm model with random weights (1000 classes at 224 px, 10 below), one fixed batch, and its bytes."""
+    torch.manual_seed(0)
+    num_classes = 1000 if image_size >= 128 else 10
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device),
+        "labels": torch.randint(0, num_classes, (batch_size,), generator=gen).to(device),
+    }
+    model = Classifier(arch, num_classes).to(device)
+    return model, batch, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 # ---- the optimizer front door, in a plain loop -----------------------------------------------------
 def two_step(model, optimizer, batch) -> None:
     """davda54-style: backward, first_step, backward at w + e, second_step."""
@@ -174,16 +187,8 @@ def measure_optimizers(arch: str, image_size: int, batch_size: int, args) -> dic
     CUDA each row's peak allocated memory over the base optimizer's."""
     from pytorch_optimizer import SAM as ThirdPartySAM
 
-    torch.manual_seed(0)
     device = args.device
-    num_classes = 1000 if image_size >= 128 else 10
-    gen = torch.Generator().manual_seed(0)
-    batch = {
-        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device),
-        "labels": torch.randint(0, num_classes, (batch_size,), generator=gen).to(device),
-    }
-    model = Classifier(arch, num_classes).to(device)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model, batch, param_bytes = workload(arch, image_size, batch_size, device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
     ours_sam = ZSAM(model.parameters(), torch.optim.SGD, variant="sam", lr=1e-3)
@@ -275,16 +280,8 @@ def parse_workload(text: str) -> tuple[str, int, int]:
 
 def measure(arch: str, image_size: int, batch_size: int, args) -> dict:
     """All rows for one workload: medians per optimizer step and the bytes kept between passes."""
-    torch.manual_seed(0)
     device = args.device
-    num_classes = 1000 if image_size >= 128 else 10
-    gen = torch.Generator().manual_seed(0)
-    batch = {
-        "pixel_values": torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device),
-        "labels": torch.randint(0, num_classes, (batch_size,), generator=gen).to(device),
-    }
-    model = Classifier(arch, num_classes).to(device)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model, batch, param_bytes = workload(arch, image_size, batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {}
         for label, variant, k in (("none", "none", 1), ("sam", "sam", 1), ("zsam", "zsam", 1), *(
