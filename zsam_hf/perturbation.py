@@ -314,6 +314,8 @@ class SharpnessPerturbation:
     fsam_lambda: float = 0.9
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # ||e|| when the variant knows it without a pass over e (SAM: rho ||g|| / (||g|| + eps))
+    _known_norm: torch.Tensor | None = field(default=None, repr=False)
 
     def offsets(
         self,
@@ -357,6 +359,7 @@ class SharpnessPerturbation:
         if not bool(torch.isfinite(grad_norm)):
             return None
         if self.variant == "sam":
+            self._known_norm = self.rho * grad_norm / (grad_norm + EPS)
             return sam_offsets(grads, self.rho, grad_norm), None
         if self.variant == "asam":
             return asam_offsets(names, params, grads, self.rho, self.asam_eta, shards), None
@@ -388,11 +391,13 @@ class SharpnessPerturbation:
         params = [params[i] for i in present]
         grads = [grads[i] for i in present]
         numels = [numels[i] for i in present] if numels is not None else None
+        self._known_norm = None
         result = self.offsets(names, params, grads, shards, numels)
         if result is None:
             return AppliedPerturbation(), None
         offsets, kept_fraction = result
-        stats = PerturbationStats(norm=offsets_norm(offsets, shards), kept_fraction=kept_fraction)
+        norm = self._known_norm if self._known_norm is not None else offsets_norm(offsets, shards)
+        stats = PerturbationStats(norm=norm, kept_fraction=kept_fraction)
         backups = [
             None if isinstance(o, SparseOffset) else self._backup_buffer(n, p)
             for n, p, o in zip(names, params, offsets)
