@@ -125,3 +125,15 @@ def test_separation_study_runs_every_cell_and_reports_paired_intervals(tmp_path)
     assert "| zsam-global-start0.5 | 2 |" in table and "vs none: Δ acc. [95% CI], differs?" in table
     for png in ("accuracy_vs_noise.png", "accuracy_vs_time_noise0.4.png", "hessian_top_eigenvalue.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_wall_time_counts_only_runs_timed_start_to_finish():
+    from zsam_hf.benchmark.separation import separation_tables
+
+    def record(seed, accuracy, wall, resumed):
+        return {"model": "m", "group": "noise0.4", "variant": "sam", "seed": seed, "final_test_accuracy": accuracy,
+                "wall_time_s": wall, "resumed": resumed}  # fmt: skip
+
+    table = separation_tables([record(0, 0.7, 200.0, False), record(1, 0.72, 3.0, True)], ["sam"])
+    row = next(line for line in table.splitlines() if line.startswith("| sam |"))
+    assert "| 200 |" in row and "| 2 |" in row  # n counts both; the time only the unresumed run

@@ -70,6 +70,12 @@ def _mean_std(values) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
+def _wall_time(runs: list[dict]) -> str:
+    """Mean wall time of the runs that went start to finish (a resumed run timed only its last part)."""
+    timed = [r["wall_time_s"] for r in runs if not r.get("resumed")]
+    return f"{statistics.mean(timed):.0f}" if timed else "–"
+
+
 def _fmt(p: Paired | None, scale: float = 100) -> str:
     if p is None:
         return "–"
@@ -127,7 +133,7 @@ def separation_tables(records: list[dict], variants: list[str], base: str = "non
                 for key in ("hessian_top_eigenvalue", "hessian_trace"):
                     values = [r[key] for r in runs if r.get(key) is not None]
                     cells.append(_mean_std(values) if values else "–")
-                cells.append(f"{statistics.mean(r['wall_time_s'] for r in runs):.0f}")
+                cells.append(_wall_time(runs))
                 here = acc[(model, group, variant)]
                 versus_base = paired_difference(here, acc[(model, group, base)]) if variant != base else None
                 versus_sam = (
@@ -185,8 +191,11 @@ def plot_accuracy_vs_cost(records: list[dict], path: str, group: str, variants: 
             if len(accs) > 1
             else 0
         )
+        timed = [r["wall_time_s"] for r in runs if not r.get("resumed")]
+        if not timed:
+            continue
         ax.errorbar(
-            statistics.mean(r["wall_time_s"] for r in runs), statistics.mean(accs), yerr=half, marker="o",
+            statistics.mean(timed), statistics.mean(accs), yerr=half, marker="o",
             capsize=3, label=f"{variant} (n={len(runs)})", linestyle="none",
         )  # fmt: skip
     ax.set(title=_group_title(group), xlabel="wall time per run (s)", ylabel="clean test accuracy (%)")
