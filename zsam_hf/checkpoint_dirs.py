@@ -173,9 +173,13 @@ def last_complete_checkpoint(run_dir: str) -> str | None:
     if not os.path.isdir(run_dir):
         return None
     search = find_newest_complete(run_dir)
+    log_skipped(search)
+    return search.newest
+
+
+def log_skipped(search: CheckpointSearch) -> None:
     for path, problems in search.skipped.items():
         logger.warning("Skipping incomplete checkpoint %s: %s", path, "; ".join(problems))
-    return search.newest
 
 
 def sorted_checkpoints(run_dir: str) -> list[str]:

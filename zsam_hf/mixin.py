@@ -307,8 +307,7 @@ class ZSAMTrainerMixin:
         if resume_from_checkpoint is True:
             search = checkpoint_dirs.find_newest_complete(output_dir)
             if self.is_world_process_zero():
-                for path, problems in search.skipped.items():
-                    logger.warning("Skipping incomplete checkpoint %s: %s", path, "; ".join(problems))
+                checkpoint_dirs.log_skipped(search)
             if search.newest is None:
                 skipped = f" (incomplete: {', '.join(search.skipped)})" if search.skipped else ""
                 raise checkpoint_dirs.IncompleteCheckpointError(

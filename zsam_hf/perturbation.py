@@ -314,18 +314,24 @@ class SharpnessPerturbation:
     fsam_lambda: float = 0.9
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    # ||e|| when the variant knows it without a pass over e (SAM: rho ||g|| / (||g|| + eps))
-    _known_norm: torch.Tensor | None = field(default=None, repr=False)
 
     def offsets(
+        self, names, params, grads, shards=None, numels=None
+    ) -> tuple[list[Offset], float | None] | None:
+        """e for each parameter (aligned with ``params``) and the zsam kept fraction (see ``_offsets``)."""
+        result = self._offsets(names, params, grads, shards, numels)
+        return None if result is None else result[:2]
+
+    def _offsets(
         self,
         names: list[str],
         params: list[torch.Tensor],
         grads: list[torch.Tensor],
         shards: Shards | None = None,
         numels: list[int] | None = None,
-    ) -> tuple[list[Offset], float | None] | None:
-        """e for each parameter (aligned with ``params``) and the zsam kept fraction.
+    ) -> tuple[list[Offset], float | None, torch.Tensor | None] | None:
+        """e for each parameter (aligned with ``params``), the zsam kept fraction, and ||e|| when the
+        variant knows it without a pass over e (SAM: rho ||g|| / (||g|| + eps)), else None.
 
         None when the ascent gradient is not finite (an fp16 overflow).  The check
         reuses a number each variant computes anyway: ||g||_G, or for zsam the means
@@ -348,9 +354,10 @@ class SharpnessPerturbation:
                     means = shards.means(weight_grads, [n for g, n in zip(grads, numels) if g.ndim > 1])
                 if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)], shards):
                     return None
-            return zsam_offsets(
+            offsets, kept_fraction = zsam_offsets(
                 grads, self.rho, self.quantile, self.normalization, means, shards, numels, kept
             )
+            return offsets, kept_fraction, None
         if self.variant not in VARIANTS[:-1]:
             raise ValueError(
                 f"sam_variant={self.variant!r} has no perturbation; expected one of {VARIANTS[:-1]}"
@@ -359,14 +366,13 @@ class SharpnessPerturbation:
         if not bool(torch.isfinite(grad_norm)):
             return None
         if self.variant == "sam":
-            self._known_norm = self.rho * grad_norm / (grad_norm + EPS)
-            return sam_offsets(grads, self.rho, grad_norm), None
+            return sam_offsets(grads, self.rho, grad_norm), None, self.rho * grad_norm / (grad_norm + EPS)
         if self.variant == "asam":
-            return asam_offsets(names, params, grads, self.rho, self.asam_eta, shards), None
+            return asam_offsets(names, params, grads, self.rho, self.asam_eta, shards), None, None
         ema = [self.ema.get(n) for n in names]
         offsets = fsam_offsets(grads, ema, self.rho, self.fsam_sigma, self.fsam_lambda, shards)
         self.ema.update(zip(names, ema))
-        return offsets, None
+        return offsets, None, None
 
     def perturb(
         self,
@@ -391,12 +397,11 @@ class SharpnessPerturbation:
         params = [params[i] for i in present]
         grads = [grads[i] for i in present]
         numels = [numels[i] for i in present] if numels is not None else None
-        self._known_norm = None
-        result = self.offsets(names, params, grads, shards, numels)
+        result = self._offsets(names, params, grads, shards, numels)
         if result is None:
             return AppliedPerturbation(), None
-        offsets, kept_fraction = result
-        norm = self._known_norm if self._known_norm is not None else offsets_norm(offsets, shards)
+        offsets, kept_fraction, norm = result
+        norm = offsets_norm(offsets, shards) if norm is None else norm
         stats = PerturbationStats(norm=norm, kept_fraction=kept_fraction)
         backups = [
             None if isinstance(o, SparseOffset) else self._backup_buffer(n, p)
