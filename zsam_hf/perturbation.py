@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .selection import Kept, gradient_mean, kept_entries_many, kept_entries_sharded
+from .selection import Kept, KeptBuffers, gradient_mean, kept_entries_many, kept_entries_sharded
 from .sharding import Shards
 
 EPS = 1e-12
@@ -203,18 +203,21 @@ def zsam_offsets(
     return offsets, kept_fraction
 
 
-def _kept_while_finite(grads: list[torch.Tensor], quantile: float) -> list[Kept] | None:
+def _kept_while_finite(
+    grads: list[torch.Tensor], quantile: float, buffers: list[KeptBuffers] | None = None
+) -> list[Kept] | None:
     """Each CPU weight gradient's mean, then at once its kept entries; None if a mean is not finite.
 
     Tensor by tensor, so the selection reads a gradient the mean has just brought into the
     CPU's cache; a non-finite mean (an fp16 overflow) stops before the next selection.
+    ``buffers`` (one per gradient) receive the kept entries.
     """
     kept = []
-    for g in grads:
+    for i, g in enumerate(grads):
         mean = gradient_mean(g)
         if not math.isfinite(mean.item()):
             return None
-        kept.extend(kept_entries_many([g], quantile, [mean]))
+        kept.extend(kept_entries_many([g], quantile, [mean], None if buffers is None else [buffers[i]]))
     return kept
 
 
@@ -243,58 +246,132 @@ class AppliedPerturbation:
 
     params: list[torch.Tensor] = field(default_factory=list)
     saved: list[Offset] = field(default_factory=list)  # original entries (sparse) or tensors (dense)
+    # Parameters whose data points at a buffer holding w + e, each with its own untouched data (w)
+    moved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def perturbed(self) -> list[torch.Tensor]:
+        """Every parameter now at w + e."""
+        return [*self.params, *(p for p, _ in self.moved)]
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Write w back from the saved originals (no w + e - e rounding)."""
+        """Write w back from the saved originals (no w + e - e rounding), or point a moved
+        parameter back at its own data, which was never written."""
         for p, saved in zip(self.params, self.saved):
             if isinstance(saved, SparseOffset):
                 p.view(-1).index_put_((saved.indices,), saved.values)
             else:
                 p.copy_(saved)
-        self.params, self.saved = [], []
+        for p, own in self.moved:
+            p.data = own
+        self.params, self.saved, self.moved = [], [], []
 
     def extra_bytes(self) -> int:
         """Memory kept between the two passes to restore w."""
-        total = 0
+        total = sum(own.numel() * own.element_size() for _, own in self.moved)  # the w + e buffers
         for saved in self.saved:
             tensors = (saved.indices, saved.values) if isinstance(saved, SparseOffset) else (saved,)
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 
 
+def _can_move(p: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+    """Whether ``p.data`` may point at ``buffer`` between the passes and back.
+
+    Only a plain tensor that owns its whole storage: not a tensor subclass (FSDP2's DTensor,
+    quantized weights) and not a view into a larger buffer (FSDP1's flat parameter, fused
+    optimizers' flat storage), whose other users would not follow the move.
+    """
+    if buffer is None:
+        return False
+    data = p.data
+    return (
+        type(data) is torch.Tensor
+        and data.is_contiguous()
+        and data.storage_offset() == 0
+        and data.untyped_storage().nbytes() == data.numel() * data.element_size()
+        and buffer.shape == data.shape
+        and buffer.dtype == data.dtype
+        and buffer.device == data.device
+        and buffer.is_contiguous()
+    )
+
+
+def _move_to_buffers(params: list[torch.Tensor], offsets: list[torch.Tensor], buffers: list[torch.Tensor]):
+    """Write w + e into each buffer, then point the parameter's data at it: one pass over the
+    weights instead of a backup copy, an add and a restoring copy (the pointer moves back)."""
+    if params[0].device.type == "cpu":
+        for p, e, b in zip(params, offsets, buffers):
+            torch.add(p, e, out=b)  # one fused pass per tensor
+    else:  # few kernel launches for many tensors
+        torch._foreach_copy_(buffers, params)
+        torch._foreach_add_(buffers, offsets)
+    moved = []
+    for p, b in zip(params, buffers):
+        own = p.data
+        p.data = b
+        moved.append((p, own))
+    return moved
+
+
 @torch.no_grad()
 def apply_offsets(
-    params: list[torch.Tensor], offsets: list[Offset], backups: list[torch.Tensor] | None = None
+    params: list[torch.Tensor],
+    offsets: list[Offset],
+    backups: list[torch.Tensor] | None = None,
+    move: bool = True,
 ) -> AppliedPerturbation:
     """Move each parameter to w + e in place, remembering the original values.
 
-    Sparse offsets remember only the touched entries.  Dense offsets copy the whole
-    tensor, into ``backups[i]`` when given (reusable buffers: on the CPU, page-faulting a
-    fresh full-size copy every step costs more than the copy itself).
+    Sparse offsets remember only the touched entries, into ``backups[i]`` when given (a
+    buffer of as many entries).  Dense offsets copy the whole tensor, into ``backups[i]``
+    when given (a buffer like the parameter).  Reused buffers keep the CPU's peak memory
+    steady, and page-faulting a fresh full-size copy every step costs more than the copy.
+    A sparse offset's values of the parameter's dtype are consumed: they become w + e there.
+    With ``move``, a parameter that owns its storage (``_can_move``) is not copied at all:
+    w + e goes into its buffer and the parameter's data points there until ``restore``.
+    ``params`` must then be the parameters themselves, not aliases of them (FSDP2's local
+    slices are aliases: the sharded path passes ``move=False``).
     """
     applied = AppliedPerturbation()
     dense_params, dense_offsets, dense_backups = [], [], []
+    moving_params, moving_offsets, moving_buffers = [], [], []
     for i, (p, offset) in enumerate(zip(params, offsets)):
         if isinstance(offset, SparseOffset) and p.is_contiguous():
             # take/index_put_: faster than gather/index_copy_ on a CPU (put_ would refuse
             # torch.use_deterministic_algorithms, which index_put_ honours)
-            original = p.take(offset.indices)
-            p.view(-1).index_put_((offset.indices,), original + offset.values.to(p.dtype))
+            backup = backups[i] if backups is not None else None
+            original = torch.take(p, offset.indices, **({} if backup is None else {"out": backup}))
+            if offset.values.dtype == p.dtype:
+                moved = offset.values.add_(original)  # in place: no temporary of the kept size
+            else:
+                moved = original + offset.values.to(p.dtype)
+            p.view(-1).index_put_((offset.indices,), moved)
             applied.params.append(p)
             applied.saved.append(SparseOffset(offset.indices, original))
             continue
         if isinstance(offset, SparseOffset):  # a non-contiguous parameter: densify
             dense = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
             offset = dense.index_copy_(0, offset.indices, offset.values.to(p.dtype)).view(p.shape)
+            backup = torch.empty_like(p)  # a buffer for the kept entries cannot hold all of p
+        else:
+            backup = backups[i] if backups is not None else None
+            if move and _can_move(p, backup):
+                moving_params.append(p)
+                moving_offsets.append(offset.to(p.dtype))
+                moving_buffers.append(backup)
+                continue
+            backup = backup if backup is not None else torch.empty_like(p)
         dense_params.append(p)
         dense_offsets.append(offset.to(p.dtype))
-        dense_backups.append(backups[i] if backups is not None else torch.empty_like(p))
+        dense_backups.append(backup)
     if dense_params:
         torch._foreach_copy_(dense_backups, dense_params)
         applied.params.extend(dense_params)
         applied.saved.extend(dense_backups)
         torch._foreach_add_(dense_params, dense_offsets)
+    if moving_params:
+        applied.moved = _move_to_buffers(moving_params, moving_offsets, moving_buffers)
     return applied
 
 
@@ -314,12 +391,13 @@ class SharpnessPerturbation:
     fsam_lambda: float = 0.9
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _kept_buffers: dict[str, KeptBuffers] = field(default_factory=dict, repr=False)
 
     def offsets(
         self, names, params, grads, shards=None, numels=None
     ) -> tuple[list[Offset], float | None] | None:
         """e for each parameter (aligned with ``params``) and the zsam kept fraction (see ``_offsets``)."""
-        result = self._offsets(names, params, grads, shards, numels)
+        result = self._offsets(names, params, grads, shards, numels, reuse_buffers=False)
         return None if result is None else result[:2]
 
     def _offsets(
@@ -329,9 +407,13 @@ class SharpnessPerturbation:
         grads: list[torch.Tensor],
         shards: Shards | None = None,
         numels: list[int] | None = None,
+        reuse_buffers: bool = True,
     ) -> tuple[list[Offset], float | None, torch.Tensor | None] | None:
         """e for each parameter (aligned with ``params``), the zsam kept fraction, and ||e|| when the
         variant knows it without a pass over e (SAM: rho ||g|| / (||g|| + eps)), else None.
+
+        With ``reuse_buffers``, zsam's kept entries on a CPU live in this object's buffers, one
+        set per parameter name, valid until the next call (see ``selection/reuse.py``).
 
         None when the ascent gradient is not finite (an fp16 overflow).  The check
         reuses a number each variant computes anyway: ||g||_G, or for zsam the means
@@ -344,7 +426,10 @@ class SharpnessPerturbation:
             if shards is None and weight_grads and weight_grads[0].device.type == "cpu":
                 if not _all_finite([g for g in grads if g.ndim <= 1]):
                     return None
-                means, kept = None, _kept_while_finite(weight_grads, self.quantile)
+                buffers = None
+                if reuse_buffers:
+                    buffers = [self._kept_buffer(n) for n, g in zip(names, grads) if g.ndim > 1]
+                means, kept = None, _kept_while_finite(weight_grads, self.quantile, buffers)
                 if kept is None:
                     return None
             else:
@@ -404,10 +489,23 @@ class SharpnessPerturbation:
         norm = offsets_norm(offsets, shards) if norm is None else norm
         stats = PerturbationStats(norm=norm, kept_fraction=kept_fraction)
         backups = [
-            None if isinstance(o, SparseOffset) else self._backup_buffer(n, p)
+            self._originals_buffer(n, p, o) if isinstance(o, SparseOffset) else self._backup_buffer(n, p)
             for n, p, o in zip(names, params, offsets)
         ]
-        return apply_offsets(params, offsets, backups), stats
+        return apply_offsets(params, offsets, backups, move=shards is None), stats
+
+    def _kept_buffer(self, name: str) -> KeptBuffers:
+        """The reused storage of one weight tensor's kept entries."""
+        if name not in self._kept_buffers:
+            self._kept_buffers[name] = KeptBuffers()
+        return self._kept_buffers[name]
+
+    def _originals_buffer(self, name: str, param: torch.Tensor, offset: SparseOffset) -> torch.Tensor | None:
+        """Where the weights at a sparse offset's entries are kept; None when they have no reused buffer
+        (an accelerator: its caching allocator keeps the peak steady)."""
+        if offset.indices.device.type != "cpu":
+            return None
+        return self._kept_buffer(name).originals_for(offset.indices.numel(), param.dtype, param.device)
 
     def _backup_buffer(self, name: str, param: torch.Tensor) -> torch.Tensor:
         """A buffer to hold a copy of ``param``, reused from step to step."""

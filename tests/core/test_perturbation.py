@@ -100,6 +100,62 @@ def test_apply_then_restore_is_bit_exact_and_applies_e(variant):
         assert torch.equal(p, w)
 
 
+@pytest.mark.parametrize("normalization", ["global", "tensor"])
+def test_zsam_steps_reuse_their_buffers_and_stay_exact(normalization):
+    """Step after step, the kept entries and the originals live in the same storage (a steady CPU
+    peak), and every step's w + e equals the reference and restores bit for bit."""
+    perturbation = SharpnessPerturbation(variant="zsam", rho=0.05, normalization=normalization)
+    storage = None
+    for step in range(4):
+        names, params, grads = named_tensors(seed=step)
+        original = [p.clone() for p in params]
+        expected = reference_offsets("zsam", names, original, grads, 0.05, normalization=normalization)
+        applied, _ = perturbation.perturb(names, params, [g.clone() for g in grads])
+        for p, w, e in zip(params, original, expected):
+            np.testing.assert_allclose(as_f64(p), as_f64(w) + e, rtol=1e-6, atol=1e-7)
+        target = params[names.index("big.weight")]
+        big = next(saved for p, saved in zip(applied.params, applied.saved) if p is target)
+        assert isinstance(big, SparseOffset)
+        held = (big.indices.untyped_storage().data_ptr(), big.values.untyped_storage().data_ptr())
+        assert storage in (None, held), f"step {step}: the kept entries moved to new storage"
+        storage = held
+        applied.restore()
+        assert all(torch.equal(p, w) for p, w in zip(params, original))
+
+
+@pytest.mark.parametrize("variant", ["sam", "asam", "fsam"])
+def test_dense_variants_move_parameters_to_a_buffer_and_back(variant):
+    """A parameter owning its storage points at a buffer holding w + e between the passes and then
+    back at its own storage, never written; a view into a shared flat buffer is copied instead."""
+    names, tensors, grads = named_tensors()
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    params = [torch.nn.Parameter(t.clone()) for t in tensors]
+    params[0] = torch.nn.Parameter(flat[: tensors[0].numel()].view(tensors[0].shape))  # a view: not moved
+    original = [p.detach().clone() for p in params]
+    pointers = [p.data_ptr() for p in params]
+    perturbation = SharpnessPerturbation(variant=variant, rho=0.5 if variant == "asam" else 0.05)
+    expected = reference_offsets(variant, names, original, grads, perturbation.rho, ema={})
+    for step in range(2):
+        applied, _ = perturbation.perturb(names, params, [g.clone() for g in grads])
+        assert params[0].data_ptr() == pointers[0]
+        assert all(p.data_ptr() != ptr for p, ptr in zip(params[1:], pointers[1:]))
+        if step == 0:
+            for p, w, e in zip(params, original, expected):
+                np.testing.assert_allclose(as_f64(p.detach()), as_f64(w) + e, rtol=1e-6, atol=1e-7)
+        applied.restore()
+        assert [p.data_ptr() for p in params] == pointers
+        assert all(torch.equal(p, w) for p, w in zip(params, original))
+
+
+def test_public_offsets_do_not_share_storage_between_calls():
+    names, params, grads = named_tensors()
+    perturbation = SharpnessPerturbation(variant="zsam")
+    first, _ = perturbation.offsets(names, params, [g.clone() for g in grads])
+    kept = first[names.index("big.weight")].values.clone()
+    perturbation.offsets(names, params, [g.clone() * 3 for g in grads])
+    assert torch.equal(first[names.index("big.weight")].values, kept)
+
+
 def test_zsam_keeps_far_less_than_a_weight_copy():
     """Between the passes zsam stores only the perturbed entries (<= 0.2x parameter bytes)."""
     gen = torch.Generator().manual_seed(0)
@@ -137,7 +193,7 @@ def test_non_finite_gradient_means_no_perturbation(where, value):
     grads[names.index(where)].view(-1)[3] = value
     for variant in ("sam", "zsam", "asam", "fsam"):
         applied, stats = SharpnessPerturbation(variant=variant).perturb(names, params, grads)
-        assert stats is None and applied.params == []
+        assert stats is None and applied.perturbed() == []
         assert all(torch.equal(p, w) for p, w in zip(params, original))
 
 
@@ -149,10 +205,10 @@ def test_parameters_without_gradient_are_not_touched():
     for i, (p, w) in enumerate(zip(params, original)):
         if i % 2:
             assert torch.equal(p, w)
-    assert all(any(p is q for q in applied.params) for i, p in enumerate(params) if i % 2 == 0)
+    assert all(any(p is q for q in applied.perturbed()) for i, p in enumerate(params) if i % 2 == 0)
     applied.restore()
     nothing, stats = SharpnessPerturbation(variant="zsam").perturb(names, params, [None] * len(params))
-    assert stats is None and nothing.params == []
+    assert stats is None and nothing.perturbed() == []
 
 
 # ---- the z-score mask (criterion 2) ------------------------------------------------

@@ -30,10 +30,12 @@ from .order_statistics import (
     interpolated_quantile,
     quantile_ranks,
 )
+from .reuse import KeptBuffers
 from .sharded import sharded_thresholds
 
 __all__ = [
     "Kept",
+    "KeptBuffers",
     "adjacent_order_statistics",
     "gradient_mean",
     "interpolated_quantile",
@@ -46,13 +48,18 @@ __all__ = [
 
 
 def kept_entries_many(
-    grads: list[torch.Tensor], quantile: float, means: list[torch.Tensor] | None = None
+    grads: list[torch.Tensor],
+    quantile: float,
+    means: list[torch.Tensor] | None = None,
+    buffers: list[KeptBuffers] | None = None,
 ) -> list[Kept]:
     """For each gradient tensor, the flat indices the z-score filter keeps and g there.
 
     ``means`` (from ``gradient_mean``) saves a pass when the caller has them already.
     CPU tensors take the sampled bound (least memory traffic); accelerator tensors the
-    sort-based path with two host synchronizations per call.
+    sort-based path with two host synchronizations per call. ``buffers`` (one per tensor)
+    hold CPU results from step to step (``reuse.py``); the caching allocator already keeps
+    an accelerator's peak steady, so they are not used there.
     """
     if not grads:
         return []
@@ -60,7 +67,7 @@ def kept_entries_many(
     means = [gradient_mean(g) for g in grads] if means is None else means
     if grads[0].device.type != "cpu":
         return kept_with_few_syncs(grads, quantile, means)
-    return kept_on_cpu(grads, quantile, means)
+    return kept_on_cpu(grads, quantile, means, buffers)
 
 
 def kept_entries_sharded(

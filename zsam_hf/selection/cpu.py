@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .order_statistics import Kept, adjacent_in_array, as_float, coprime_stride, heavily_tied, quantile_ranks
+from .reuse import KeptBuffers
 
 # Largest sample drawn to bracket a quantile; tensors up to SMALL_TENSOR take an exact selection.
 MAX_SAMPLE = 1 << 16
@@ -224,8 +225,11 @@ def _candidates(
     return indices[:count], values[:count]
 
 
-def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspace) -> Kept:
-    """Kept entries of a large tensor: a sampled bound, one collecting pass, a small selection."""
+def _kept_bracketed(
+    flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspace, out: KeptBuffers | None = None
+) -> Kept:
+    """Kept entries of a large tensor: a sampled bound, one collecting pass, a small selection
+    (written into ``out`` when given)."""
     n = flat.numel()
     (lo, hi), frac = quantile_ranks(n, q)
     low, high, tied = _bracket(_sample(flat, mean), q)
@@ -237,33 +241,53 @@ def _kept_bracketed(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Wor
     if low == high:  # a run of ties straddles the quantile (e.g. the zero taps of 3x3 kernels on 1x1 maps)
         at_most_high = n - int(np.count_nonzero(d > low))
         if below <= lo and hi < at_most_high:  # both order statistics are the tied value
-            return _candidates_above(indices, values, d, low, mask)
+            return _candidates_above(indices, values, d, low, mask, out)
         return _kept_exact(flat, mean, q)
     if below > lo:
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
     threshold = _quantile_of_deviations(d, lo - (n - d.size), frac, tied)
-    return _candidates_above(indices, values, d, threshold, mask)
+    return _candidates_above(indices, values, d, threshold, mask, out)
 
 
 def _candidates_above(
-    indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, mask: np.ndarray
+    indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, mask: np.ndarray, out: KeptBuffers | None
 ) -> Kept:
-    """The candidates whose |g - mean| is above ``bound``, copied out of the reused buffers."""
+    """The candidates whose |g - mean| is above ``bound``, copied out of the workspace (into ``out``)."""
     keep = _positions_above(d, bound, buffer=mask)
-    return torch.from_numpy(indices.take(keep)), torch.from_numpy(values.take(keep))
+    if out is None:
+        return torch.from_numpy(indices.take(keep)), torch.from_numpy(values.take(keep))
+    held_indices, held_values = out.hold(keep.size, torch.from_numpy(values[:0]).dtype, torch.device("cpu"))
+    np.take(indices, keep, out=held_indices.numpy(), mode="clip")  # "clip": no buffered copy; keep is valid
+    np.take(values, keep, out=held_values.numpy(), mode="clip")
+    return held_indices, held_values
 
 
-def kept_on_cpu(grads: list[torch.Tensor], q: float, means: list[torch.Tensor]) -> list[Kept]:
+def _copied_into(out: KeptBuffers, kept: Kept) -> Kept:
+    indices, values = kept
+    held_indices, held_values = out.hold(indices.numel(), values.dtype, values.device)
+    held_indices.copy_(indices)
+    held_values.copy_(values)
+    return held_indices, held_values
+
+
+def kept_on_cpu(
+    grads: list[torch.Tensor], q: float, means: list[torch.Tensor], buffers: list[KeptBuffers] | None = None
+) -> list[Kept]:
+    """Kept entries of each CPU gradient; with ``buffers`` (one per gradient) they are written there,
+    so a float32 or float64 gradient's results are views of its buffers."""
     results = []
-    for g, mean in zip(grads, means):
+    for i, (g, mean) in enumerate(zip(grads, means)):
         flat = as_float(g)
+        out = None if buffers is None else buffers[i]
         if flat.numel() <= 1:
             kept = torch.empty(0, dtype=torch.long), flat[:0]
         elif flat.numel() <= SMALL_TENSOR:
             kept = _kept_exact(flat, mean, q)
         else:
-            kept = _kept_bracketed(flat, mean, q, _workspace())
+            kept = _kept_bracketed(flat, mean, q, _workspace(), out)
+        if out is not None and kept[0].data_ptr() != out.indices.data_ptr():
+            kept = _copied_into(out, kept)
         indices, values = kept
         results.append((indices, values.to(g.dtype)))
     return results

@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Peak resident memory of one optimizer step on the CPU, step after step: base optimizer, SAM, ZSAM.
+
+Rows: the base optimizer, our ``ZSAM(variant="sam")`` and ``ZSAM``, and pytorch_optimizer's ``SAM``
+(the benchmark extra), each in the plain first_step/second_step loop.
+
+A CPU has no allocator statistics like CUDA's, and the C allocator keeps freed pages or hands
+them back depending on its own history, so a step that allocates fresh buffers can peak at a
+different height from one run to the next. This script measures what a user sees: each row
+runs in a fresh process (the same model, batch and optimizer loop); before every step the
+kernel's resident high-water mark is reset (``/proc/self/clear_refs``), and after it the mark
+is read. The report gives each row's peak over the base optimizer's peak, in units of the
+parameters' bytes, with its spread over steps and over repeated processes (a steady row has
+none), and the resident memory between steps over the base optimizer's (what a row keeps from
+step to step: SAM's backups, ZSAM's reused buffers).
+
+    python scripts/benchmark_memory.py                    # a 67M-parameter MLP, 3 processes per row
+    python scripts/benchmark_memory.py --width 2048 --depth 4 --repeats 2 --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROWS = ("base optimizer (SGD)", "SAM (ours, ZSAM(variant='sam'))", "ZSAM (ours)", "SAM (pytorch_optimizer)")
+
+
+def _status_kib(field: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_high_water_mark() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup: int) -> dict:
+    """Run ``warmup + steps`` optimizer steps of one row in this process; per-step peaks in bytes."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from zsam_hf import ZSAM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    inputs, targets = torch.randn(batch, width), torch.randint(0, width, (batch,))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def loss():
+        return F.cross_entropy(model(inputs), targets)
+
+    if row == ROWS[0]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step():
+            loss().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:
+        if row == ROWS[3]:
+            from pytorch_optimizer import SAM as ThirdPartySAM
+
+            optimizer = ThirdPartySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3)
+        else:
+            variant = "sam" if row == ROWS[1] else "zsam"
+            optimizer = ZSAM(model.parameters(), torch.optim.SGD, variant=variant, lr=1e-3)
+
+        def step():
+            loss().backward()
+            optimizer.first_step(zero_grad=True)
+            loss().backward()
+            optimizer.second_step(zero_grad=True)
+
+    peaks, resident = [], []
+    for i in range(warmup + steps):
+        before = _status_kib("VmRSS")
+        _reset_high_water_mark()
+        step()
+        if i >= warmup:
+            peaks.append(_status_kib("VmHWM") * 1024)
+            resident.append(before * 1024)
+    return {"row": row, "param_bytes": param_bytes, "params": param_bytes // 4, "step_peaks": peaks,
+            "resident_before": resident}  # fmt: skip
+
+
+def run_row_in_child(row: str, args) -> dict:
+    """``measure_row`` in a fresh interpreter, so no row inherits another's allocator history."""
+    command = [sys.executable, __file__, "--child", row, "--width", str(args.width), "--depth", str(args.depth),
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def report(results: dict[str, list[dict]], args) -> None:
+    param_bytes = results[ROWS[0]][0]["param_bytes"]
+    base = statistics.median(p for r in results[ROWS[0]] for p in r["step_peaks"])
+    base_resident = statistics.median(p for r in results[ROWS[0]] for p in r["resident_before"])
+    print(f"MLP {args.depth} x Linear({args.width}, {args.width}): {results[ROWS[0]][0]['params'] / 1e6:.1f}M "
+          f"parameters ({param_bytes / 2**20:.0f} MiB), batch {args.batch}, one thread; {args.repeats} processes "
+          f"per row, {args.steps} steps each after {args.warmup} warm-up steps")  # fmt: skip
+    print("figures over the base optimizer's, in parameter bytes; spreads are max - min")
+    print(f"{'row':<34}{'peak':>8}{'spread over steps':>19}{'over processes':>16}{'kept between steps':>20}")
+    for row, runs in results.items():
+        over = [(p - base) / param_bytes for r in runs for p in r["step_peaks"]]
+        per_process = [statistics.median((p - base) / param_bytes for p in r["step_peaks"]) for r in runs]
+        within = max(max(r["step_peaks"]) - min(r["step_peaks"]) for r in runs) / param_bytes
+        kept = statistics.median(
+            (p - base_resident) / param_bytes for r in runs for p in r["resident_before"]
+        )
+        print(f"{row:<34}{statistics.median(over):>8.3f}{within:>19.3f}"
+              f"{max(per_process) - min(per_process):>16.3f}{kept:>20.3f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--depth", type=int, default=4, help="Linear(width, width) layers")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per process")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per row")
+    parser.add_argument("--json", help="also write the per-step figures here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(
+            json.dumps(measure_row(args.child, args.width, args.depth, args.batch, args.steps, args.warmup))
+        )
+        return
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise SystemExit("this benchmark reads Linux's /proc/self/status and resets /proc/self/clear_refs")
+    results = {row: [run_row_in_child(row, args) for _ in range(args.repeats)] for row in ROWS}
+    report(results, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results, **vars(args)}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
