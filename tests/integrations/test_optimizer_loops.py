@@ -149,6 +149,24 @@ def test_accelerate_loop_with_accumulation_matches_the_reference(tmp_path, mode,
             assert torch.equal(t, records[0]["final"][n]), n
 
 
+def test_accelerate_loop_with_a_grad_scaler_unscales_once_and_skips_overflows(tmp_path):
+    """accelerate's fp16 protocol (run on the CPU): the ascent on scaled gradients, clipping unscales
+    and the step does not unscale again, overflowing steps are skipped with the weights untouched."""
+    (record,) = _accelerate(tmp_path, "scaler", 1)
+    steps = len(record["starts"])
+    assert record["unscale_calls"] == steps, (record["unscale_calls"], steps)  # one unscale per step
+    assert record["scale"] < 2.0**40, "no overflow happened: skipping was not exercised"
+    weights = [*record["starts"][1:], record["final"]]
+    skipped = [all(torch.equal(a[n], b[n]) for n in a) for a, b in zip(record["starts"], weights)]
+    assert skipped[0] and not all(skipped), skipped
+    # An overflowing ascent climbs nowhere; the others are rho whatever the scale: the filtered part
+    # has norm rho, and a tensor that keeps nothing takes SAM's share of at most rho more (sqrt(2) rho).
+    climbed = [n for n in record["norms"] if n is not None]
+    assert climbed and min(climbed) == pytest.approx(0.05, rel=1e-4), record["norms"]
+    assert all(n <= 0.05 * 2**0.5 * (1 + 1e-4) for n in climbed), record["norms"]
+    assert all(torch.isfinite(t).all() for t in record["final"].values())
+
+
 def test_accelerate_loop_trains_in_bf16_on_two_processes(tmp_path):
     records = _accelerate(tmp_path, "bf16", 2)
     losses = records[0]["losses"]
