@@ -70,18 +70,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int) -> None:
     """accelerator.save_state into a staging directory, renamed to checkpoint-<step> once complete."""
-    if accelerator.is_main_process:
-        checkpoint_dirs.prepare_staging(output_dir, step)
-    accelerator.wait_for_everyone()
-    staged = os.path.join(
-        checkpoint_dirs.staging_root(output_dir, step), checkpoint_dirs.checkpoint_name(step)
-    )
-    accelerator.save_state(staged)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        checkpoint_dirs.write_manifest(staged)
-        checkpoint_dirs.publish(output_dir, step)
-    accelerator.wait_for_everyone()
+    owner, barrier = accelerator.is_main_process, accelerator.wait_for_everyone
+    with checkpoint_dirs.staged_checkpoint(output_dir, step, owner, barrier) as checkpoint:
+        accelerator.save_state(checkpoint.staged)
 
 
 @torch.no_grad()

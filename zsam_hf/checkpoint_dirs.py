@@ -14,11 +14,13 @@ Pure file-system code: no torch, no transformers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,40 @@ def publish(run_dir: str, step: int) -> str:
     shutil.rmtree(replaced, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
     return final
+
+
+@dataclass(frozen=True)
+class StagedCheckpoint:
+    root: str  # the staging root (what the Trainer takes as its output directory meanwhile)
+    staged: str  # <root>/checkpoint-N: where every rank writes its files
+    final: str  # <run_dir>/checkpoint-N: where the checkpoint appears once whole
+
+
+@contextlib.contextmanager
+def staged_checkpoint(
+    run_dir: str, step: int, owner: bool, barrier: Callable[[], None] = lambda: None
+) -> Iterator[StagedCheckpoint]:
+    """Write checkpoint ``step`` of ``run_dir`` inside the block; it appears whole after it, or not at all.
+
+    The one sequence both the Trainer and a hand-written loop use: the owner (the process that
+    owns the output directory) prepares the staging root, every process writes its part inside
+    the block, then after a barrier the owner flushes the files, writes the manifest and renames,
+    and a last barrier keeps every process behind the rename. An exception inside the block
+    publishes nothing: the staging leftover is removed by the next run's ``remove_leftovers``.
+    """
+    if owner:
+        prepare_staging(run_dir, step)
+    barrier()
+    root = staging_root(run_dir, step)
+    checkpoint = StagedCheckpoint(
+        root, os.path.join(root, checkpoint_name(step)), os.path.join(run_dir, checkpoint_name(step))
+    )
+    yield checkpoint
+    barrier()
+    if owner:
+        write_manifest(checkpoint.staged)
+        publish(run_dir, step)
+    barrier()
 
 
 def remove_leftovers(run_dir: str) -> list[str]:

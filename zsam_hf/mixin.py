@@ -328,29 +328,22 @@ class ZSAMTrainerMixin:
         writes the manifest and renames; a second barrier keeps every rank behind the rename.
         """
         run_dir = self._get_output_dir(trial=trial)
-        step = self.state.global_step
         owner = self.args.should_save
-        if owner:
-            checkpoint_dirs.prepare_staging(run_dir, step)
-        self.accelerator.wait_for_everyone()
-        root = checkpoint_dirs.staging_root(run_dir, step)
-        staged = os.path.join(root, checkpoint_dirs.checkpoint_name(step))
-        final = os.path.join(run_dir, checkpoint_dirs.checkpoint_name(step))
-        self._checkpoint_staging, self._push_deferred = root, False
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._checkpoint_staging = None
-        best = self.state.best_model_checkpoint
-        if best is not None and os.path.normpath(best) == os.path.normpath(staged):
-            self.state.best_model_checkpoint = final  # the state must name where it will live
-            if owner:
-                self.state.save_to_json(os.path.join(staged, checkpoint_dirs.TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
-        if owner:
-            checkpoint_dirs.write_manifest(staged)
-            checkpoint_dirs.publish(run_dir, step)
-        self.accelerator.wait_for_everyone()
+        barrier = self.accelerator.wait_for_everyone
+        with checkpoint_dirs.staged_checkpoint(run_dir, self.state.global_step, owner, barrier) as checkpoint:
+            self._checkpoint_staging, self._push_deferred = checkpoint.root, False
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._checkpoint_staging = None
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.normpath(best) == os.path.normpath(checkpoint.staged):
+                self.state.best_model_checkpoint = checkpoint.final  # the state must name where it will live
+                if owner:
+                    self.state.save_to_json(
+                        os.path.join(checkpoint.staged, checkpoint_dirs.TRAINER_STATE_NAME)
+                    )
+        final = checkpoint.final
         if self._push_deferred:
             super()._push_from_checkpoint(final)
         if owner:
