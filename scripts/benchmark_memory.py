@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Peak resident memory of one optimizer step on the CPU, step after step: base optimizer, SAM, ZSAM.
 
-Rows: the base optimizer, our ``ZSAM(variant="sam")`` and ``ZSAM``, and pytorch_optimizer's ``SAM``
-(the benchmark extra), each in the plain first_step/second_step loop.
+Rows: the base optimizer, our ``ZSAM(variant="sam")`` and ``ZSAM``, pytorch_optimizer's ``SAM`` (the
+benchmark extra), each in the plain first_step/second_step loop, and the re-created davda54 SAM and
+released-code ZSAM steps of ``benchmark_step.py``.
 
 A CPU has no allocator statistics like CUDA's, and the C allocator keeps freed pages or hands
 them back depending on its own history, so a step that allocates fresh buffers can peak at a
@@ -27,7 +28,14 @@ import statistics
 import subprocess
 import sys
 
-ROWS = ("base optimizer (SGD)", "SAM (ours, ZSAM(variant='sam'))", "ZSAM (ours)", "SAM (pytorch_optimizer)")
+ROWS = (
+    "base optimizer (SGD)",
+    "SAM (ours, ZSAM(variant='sam'))",
+    "ZSAM (ours)",
+    "SAM (pytorch_optimizer)",
+    "SAM (davda54, re-created)",
+    "ZSAM (released code, re-created)",
+)
 
 
 def _status_kib(field: str) -> int:
@@ -50,27 +58,46 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
     import torch.nn as nn
     import torch.nn.functional as F
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchmark_step import davda54_sam_step, released_code_step  # every row imports the same modules
+
     from zsam_hf import ZSAM
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers = []
+            for _ in range(depth):
+                layers += [nn.Linear(width, width), nn.ReLU()]
+            self.net = nn.Sequential(*layers[:-1])
+
+        def forward(self, inputs, labels):
+            return {"loss": F.cross_entropy(self.net(inputs), labels)}
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    layers = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
-    inputs, targets = torch.randn(batch, width), torch.randint(0, width, (batch,))
+    model = MLP()
+    data = {"inputs": torch.randn(batch, width), "labels": torch.randint(0, width, (batch,))}
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     def loss():
-        return F.cross_entropy(model(inputs), targets)
+        return model(**data)["loss"]
 
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
     if row == ROWS[0]:
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
         def step():
             loss().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            sgd.step()
+            sgd.zero_grad(set_to_none=True)
+    elif row == ROWS[4]:
+
+        def step():
+            davda54_sam_step(model, sgd, data, 0.05)
+    elif row == ROWS[5]:
+
+        def step():
+            released_code_step(model, sgd, data, 0.05, 0.95)
     else:
         if row == ROWS[3]:
             from pytorch_optimizer import SAM as ThirdPartySAM
