@@ -162,7 +162,12 @@ class ZSAM(torch.optim.Optimizer):
     def _base_step(self) -> None:
         self.base_optimizer.step()
         self._climbed = False
-        self._opt_called = True  # an LR scheduler on this optimizer sees the step (as optimizer.step())
+        # An LR scheduler on this optimizer sees the step (as after optimizer.step()). Under Lightning
+        # `self` is its LightningOptimizer wrapper, with a copy of our attributes and the optimizer
+        # the scheduler was built on in `_optimizer`: that one must see it too.
+        for stepped in (self, getattr(self, "_optimizer", None)):
+            if stepped is not None:
+                stepped._opt_called = True
 
     @contextlib.contextmanager
     def ascent(self):

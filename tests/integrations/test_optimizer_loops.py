@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from toy import TinyClassifier, vector_dataset
@@ -50,7 +52,11 @@ def test_lightning_manual_optimization_matches_the_plain_loop():
         max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    trainer.fit(module, _loader())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, _loader())
+    scheduler_warnings = [str(w.message) for w in caught if "lr_scheduler" in str(w.message)]
+    assert not scheduler_warnings, scheduler_warnings  # the scheduler saw every optimizer step
 
     reference = TinyClassifier(batchnorm=True)
     optimizer = ZSAM(reference.named_parameters(), torch.optim.Adam, lr=1e-2, weight_decay=5e-5)
