@@ -107,7 +107,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--noise_extra_variants",
         nargs="*",
-        default=["fsam", "zsam-global-start0.5", "zsam-global-start0.75", "zsam-global-k2"],
+        default=[
+            "fsam",
+            "zsam-global-start0.5",
+            "zsam-global-start0.75",
+            "zsam-global-k2",
+            "sam-rho0.224",
+            "zsam-global-rho0.224",
+        ],
         choices=list(VARIANTS),
     )
     p.add_argument("--small_data", nargs="*", type=int, default=[1000, 4000], help="clean training subsets")

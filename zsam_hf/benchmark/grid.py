@@ -53,6 +53,17 @@ VARIANTS.update(
     }
 )
 
+# Matched radius. The released code's per-tensor normalization gives each weight tensor an e of norm
+# rho, so on ResNet-20 (20 weight tensors) the whole e has norm about rho sqrt(20) = 0.224, 4.5x SAM's:
+# SAM and global ZSAM at that radius tell the filter's effect from the radius's.
+MATCHED_RHO = 0.224
+VARIANTS.update(
+    {
+        f"{label}-rho{MATCHED_RHO:g}": {**VARIANTS[label], "sam_rho": MATCHED_RHO}
+        for label in ("sam", "zsam-global")
+    }
+)
+
 
 @dataclass
 class Budget:
