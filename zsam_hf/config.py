@@ -85,6 +85,20 @@ class _SAMFields:
     )
 
 
+def first_sharpness_step(sam_start: float, max_steps: int) -> int:
+    """The first optimizer step (0-based) that takes the two-pass step: ``sam_start`` itself, or that
+    fraction of the run's ``max_steps`` rounded up."""
+    if 0 < sam_start < 1:
+        return math.ceil(sam_start * max_steps)
+    return int(sam_start)
+
+
+def sharpness_step_count(sam_start: float, sam_interval: int, max_steps: int) -> int:
+    """How many of a run's ``max_steps`` optimizer steps take the two-pass step (steps s, s + k, ...
+    from s = ``first_sharpness_step``): what a schedule costs, machine load aside."""
+    return len(range(first_sharpness_step(sam_start, max_steps), max_steps, sam_interval))
+
+
 class ZSAMArgumentsMixin:
     """Validation, defaults and helpers of the SAM fields, for any ``TrainingArguments`` class.
 
@@ -170,9 +184,7 @@ class ZSAMArgumentsMixin:
 
     def sam_start_step(self, max_steps: int) -> int:
         """The first optimizer step that takes the two-pass step, in a run of ``max_steps`` steps."""
-        if 0 < self.sam_start < 1:
-            return math.ceil(self.sam_start * max_steps)
-        return int(self.sam_start)
+        return first_sharpness_step(self.sam_start, max_steps)
 
     def sam_hyperparameters(self) -> dict:
         """The SAM-family settings that matter for this variant (for cards and logs)."""

@@ -180,3 +180,26 @@ def test_sam_start_is_on_the_card(tmp_path):
     trainer.train()
     trainer.create_model_card()
     assert "| sam_start | 0.75 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("sam_start", [0, 3, 0.5, 0.75, 0.999])
+@pytest.mark.parametrize("sam_interval", [1, 2, 5])
+def test_the_step_count_is_the_trainers_own_rule(sam_start, sam_interval):
+    """``sharpness_step_count`` (what the separation report charges a schedule) counts exactly the steps
+    ``is_sharpness_step`` takes."""
+    from types import SimpleNamespace
+
+    from zsam_hf import ZSAMTrainerMixin, ZSAMTrainingArguments
+    from zsam_hf.config import sharpness_step_count
+
+    args = ZSAMTrainingArguments(
+        output_dir="unused", sam_start=sam_start, sam_interval=sam_interval, report_to=[]
+    )
+    for max_steps in (1, 7, 40):
+        taken = sum(
+            ZSAMTrainerMixin.is_sharpness_step(
+                SimpleNamespace(args=args, state=SimpleNamespace(global_step=s, max_steps=max_steps))
+            )
+            for s in range(max_steps)
+        )
+        assert sharpness_step_count(sam_start, sam_interval, max_steps) == taken, max_steps

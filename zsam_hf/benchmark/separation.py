@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..config import sharpness_step_count  # noqa: E402
+
 # Two-sided 95% Student t quantiles by degrees of freedom (so the report needs no SciPy).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
          10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
@@ -177,10 +179,22 @@ def plot_accuracy_vs_noise(records: list[dict], path: str, variants: list[str]) 
     plt.close(fig)
 
 
+def passes_per_step(record: dict) -> float:
+    """Forward-backward passes per optimizer step: 1 for the base optimizer, 2 for a two-pass step every
+    step, in between for the schedules (``sam_start``, ``sam_interval``), counted by the Trainer's rule."""
+    if record["variant"] == "none":
+        return 1.0
+    steps = record["steps"]
+    two_pass = sharpness_step_count(record.get("sam_start") or 0, record.get("sam_interval") or 1, steps)
+    return 1 + two_pass / steps
+
+
 def plot_accuracy_vs_cost(records: list[dict], path: str, group: str, variants: list[str]) -> None:
-    """Mean test accuracy against mean wall time in one regime: the schedules (sam_start, sam_interval)
-    beside the full two-pass methods and the base optimizer, with 95% bars on the accuracy."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    """Mean test accuracy against cost in one regime: the schedules (sam_start, sam_interval) beside the
+    full two-pass methods and the base optimizer, with 95% bars on the accuracy. Two cost axes: the
+    mean wall time of the runs timed start to finish (what a user waits; it moves with the machine's
+    load), and forward-backward passes per optimizer step (exact, whatever the load)."""
+    fig, (by_time, by_passes) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for variant in variants:
         runs = [r for r in records if r["group"] == group and r["variant"] == variant]
         if not runs:
@@ -191,16 +205,20 @@ def plot_accuracy_vs_cost(records: list[dict], path: str, group: str, variants: 
             if len(accs) > 1
             else 0
         )
+        label = f"{variant} (n={len(runs)})"
         timed = [r["wall_time_s"] for r in runs if not r.get("resumed")]
-        if not timed:
-            continue
-        ax.errorbar(
-            statistics.mean(timed), statistics.mean(accs), yerr=half, marker="o",
-            capsize=3, label=f"{variant} (n={len(runs)})", linestyle="none",
-        )  # fmt: skip
-    ax.set(title=_group_title(group), xlabel="wall time per run (s)", ylabel="clean test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        if timed:
+            by_time.errorbar(statistics.mean(timed), statistics.mean(accs), yerr=half, marker="o",
+                             capsize=3, label=label, linestyle="none")  # fmt: skip
+        if all("steps" in r for r in runs):
+            passes = statistics.mean(passes_per_step(r) for r in runs)
+            by_passes.errorbar(passes, statistics.mean(accs), yerr=half, marker="o", capsize=3, label=label,
+                               linestyle="none")  # fmt: skip
+    by_time.set(title=_group_title(group), xlabel="wall time per run (s)", ylabel="clean test accuracy (%)")
+    by_passes.set(title=_group_title(group), xlabel="forward-backward passes per optimizer step")
+    for ax in (by_time, by_passes):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
