@@ -30,7 +30,15 @@ import time
 import torch
 import transformers
 
-from zsam_hf.benchmark.grid import VARIANTS, Budget, HessianBudget, RunSpec, load_results, run_grid
+from zsam_hf.benchmark.grid import (
+    MATCHED_RHO,
+    VARIANTS,
+    Budget,
+    HessianBudget,
+    RunSpec,
+    load_results,
+    run_grid,
+)
 from zsam_hf.benchmark.report import (
     cost_table,
     plot_accuracy,
@@ -232,12 +240,25 @@ def separation_budget_text(args, specs: list[RunSpec]) -> str:
     )
 
 
+# The released code's per-tensor normalization climbs about MATCHED_RHO on ResNet-20: these pairs tell
+# the z-score filter's effect (same radius) from the radius's (same method).
+_MATCHED = f"rho{MATCHED_RHO:g}"
+MATCHED_PAIRS = [
+    (f"zsam-global-{_MATCHED}", f"sam-{_MATCHED}"),
+    ("zsam-tensor", f"sam-{_MATCHED}"),
+    ("zsam-tensor", f"zsam-global-{_MATCHED}"),
+    (f"sam-{_MATCHED}", "sam"),
+    (f"zsam-global-{_MATCHED}", "zsam-global"),
+    ("zsam-tensor", "zsam-global"),
+]
+
+
 def report(args, specs: list[RunSpec], records: list[dict]) -> str:
     keys = {s.key() for s in specs}
     records = [r for r in records if r["key"] in keys]
     if args.study == "separation":
         return write_separation_report(
-            records, args.output_dir, args.variants, separation_budget_text(args, specs)
+            records, args.output_dir, args.variants, separation_budget_text(args, specs), MATCHED_PAIRS
         )
     variants = list(args.variants)  # the order the command line gave
     text = write_tables(records, args.output_dir, variants, budget_text(args, specs))

@@ -137,3 +137,32 @@ def test_wall_time_counts_only_runs_timed_start_to_finish():
     table = separation_tables([record(0, 0.7, 200.0, False), record(1, 0.72, 3.0, True)], ["sam"])
     row = next(line for line in table.splitlines() if line.startswith("| sam |"))
     assert "| 200 |" in row and "| 2 |" in row  # n counts both; the time only the unresumed run
+
+
+def test_pair_tables_compare_two_variants_seed_by_seed():
+    from zsam_hf.benchmark.separation import pair_tables
+
+    def record(variant, seed, accuracy):
+        return {
+            "model": "m",
+            "group": "noise0.4",
+            "variant": variant,
+            "seed": seed,
+            "final_test_accuracy": accuracy,
+        }
+
+    b = {0: 0.680, 1: 0.710, 2: 0.700}
+    wide = {0: 0.700, 1: 0.740, 2: 0.710}  # - b: +2, +3, +1 points, sd 1
+    tight = {0: 0.700, 1: 0.735, 2: 0.715}  # - b: +2, +2.5, +1.5 points, sd 0.5
+    records = [
+        record(name, s, v)
+        for name, acc in (("b", b), ("wide", wide), ("tight", tight))
+        for s, v in acc.items()
+    ]
+    records.append(record("c", 0, 0.5))  # one seed only
+    text = pair_tables(records, [("wide", "b"), ("tight", "b"), ("wide", "c"), ("wide", "missing")])
+    for name, sd, verdict in (("wide", 1.0, "no"), ("tight", 0.5, "**yes**")):
+        half = 4.303 * sd / 3**0.5  # t(0.975, 2) sd(d) / sqrt(n)
+        assert f"| {name} − b | +2.00 [{2 - half:+.2f}, {2 + half:+.2f}] {verdict} |" in text, text
+    assert "| wide − c | +20.00 (n=1) |" in text and "missing" not in text
+    assert pair_tables(records, [("b", "missing")]) == ""

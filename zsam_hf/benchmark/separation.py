@@ -250,10 +250,36 @@ def plot_hessian(records: list[dict], path: str, variants: list[str]) -> None:
     plt.close(fig)
 
 
-def write_separation_report(records: list[dict], out_dir: str, variants: list[str], budget_text: str) -> str:
-    """results.md with the tables, and the three plots; returns the Markdown."""
+def pair_tables(records: list[dict], pairs: list[tuple[str, str]]) -> str:
+    """Markdown: for each model and regime holding both, the paired difference a - b of each pair
+    (seed by seed, with its 95% interval): comparisons the main table does not make, such as two
+    methods at the same radius."""
+    acc = _by_cell(records, "final_test_accuracy")
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in records):
+        for group in _group_order({g for (m, g, _) in acc if m == model}):
+            rows = [
+                f"| {a} − {b} | {_fmt(paired_difference(acc[(model, group, a)], acc[(model, group, b)]))} |"
+                for a, b in pairs
+                if (model, group, a) in acc and (model, group, b) in acc
+            ]
+            if rows:
+                lines += ["", f"**{model}, {_group_title(group)}: paired comparisons**", "",
+                          "| a − b | Δ acc. [95% CI], differs? |", "|---|---|", *rows]  # fmt: skip
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def write_separation_report(
+    records: list[dict],
+    out_dir: str,
+    variants: list[str],
+    budget_text: str,
+    pairs: list[tuple[str, str]] = (),
+) -> str:
+    """results.md with the tables (and the paired comparisons of ``pairs``), and the three plots;
+    returns the Markdown."""
     ordered = list(dict.fromkeys([*variants, *(r["variant"] for r in records)]))
-    text = budget_text + "\n" + separation_tables(records, ordered)
+    text = budget_text + "\n" + separation_tables(records, ordered) + pair_tables(records, list(pairs))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(text)
     plot_accuracy_vs_noise(records, os.path.join(out_dir, "accuracy_vs_noise.png"), list(variants))
