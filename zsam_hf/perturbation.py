@@ -297,10 +297,16 @@ def _can_move(p: torch.Tensor, buffer: torch.Tensor | None) -> bool:
     )
 
 
-def _move_to_buffers(params: list[torch.Tensor], offsets: list[torch.Tensor], buffers: list[torch.Tensor]):
+def _move_to_buffers(
+    params: list[torch.Tensor],
+    offsets: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    per_tensor: bool | None = None,
+):
     """Write w + e into each buffer, then point the parameter's data at it: one pass over the
-    weights instead of a backup copy, an add and a restoring copy (the pointer moves back)."""
-    if params[0].device.type == "cpu":
+    weights instead of a backup copy, an add and a restoring copy (the pointer moves back).
+    ``per_tensor`` (the default on a CPU) fuses the write per tensor; otherwise foreach ops."""
+    if per_tensor if per_tensor is not None else params[0].device.type == "cpu":
         for p, e, b in zip(params, offsets, buffers):
             torch.add(p, e, out=b)  # one fused pass per tensor
     else:  # few kernel launches for many tensors

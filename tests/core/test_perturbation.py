@@ -147,6 +147,25 @@ def test_dense_variants_move_parameters_to_a_buffer_and_back(variant):
         assert all(torch.equal(p, w) for p, w in zip(params, original))
 
 
+def test_both_ways_of_writing_moved_weights_agree():
+    """The accelerator's foreach write (run here on the CPU) gives the CPU's per-tensor write, bit for bit."""
+    from zsam_hf.perturbation import _move_to_buffers
+
+    _, tensors, grads = named_tensors()
+    results = []
+    for per_tensor in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in tensors]
+        own = [p.data for p in params]
+        with torch.no_grad():  # as apply_offsets calls it
+            moved = _move_to_buffers(
+                params, [g * 0.01 for g in grads], [torch.empty_like(t) for t in tensors], per_tensor
+            )
+        assert [o.data_ptr() for _, o in moved] == [o.data_ptr() for o in own]
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(torch.equal(a, t + g * 0.01) for a, t, g in zip(results[0], tensors, grads))
+
+
 def test_public_offsets_do_not_share_storage_between_calls():
     names, params, grads = named_tensors()
     perturbation = SharpnessPerturbation(variant="zsam")
