@@ -4,9 +4,12 @@ Every variant of ``docs/algorithm.md`` differs from SAM only in how the ascent s
 from the ascent gradient g.  This module builds e, writes ``w + e`` into the weights
 in place and keeps exactly what is needed to write ``w`` back bit for bit:
 
-* dense variants (``sam``, ``asam``, ``fsam``) keep a copy of each perturbed tensor;
+* dense variants (``sam``, ``asam``, ``fsam``) write w + e into a buffer per parameter and point
+  the parameter at it until the restore points it back at its own, untouched storage (a
+  parameter that does not own its storage is copied and restored instead);
 * ``zsam`` perturbs only the ~(1 - Q_p) fraction of each weight tensor that survives the
-  z-score filter, so it keeps just those entries' flat indices and original values.
+  z-score filter, so it keeps just those entries' flat indices and original values (in
+  buffers reused from step to step on the CPU).
 
 Which entries survive the z-score filter is decided in ``selection.py``.
 """
