@@ -193,3 +193,31 @@ def test_flatness_measures_loss_increase_and_restores_weights():
                 p.copy_(w + noise * (0.5 * w.norm() / noise.norm()))
             increases.append(torch.nn.functional.cross_entropy(model(x)["logits"], labels).item() - base)
     assert result["flatness@0.5"] == pytest.approx(sum(increases) / 3, rel=1e-4)
+
+
+def test_memory_benchmark_measures_every_row_in_its_own_process(tmp_path):
+    """scripts/benchmark_memory.py as a user runs it, shrunk: every row runs in its own process and reports
+    a peak per step and the resident memory before it. (The figures themselves vary by megabytes from
+    process to process: the benchmark's spreads report that, a test cannot bound it.)"""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_memory.py"
+    out = tmp_path / "memory.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--width", "2048", "--depth", "2", "--batch", "8", "--repeats", "1",
+         "--steps", "2", "--warmup", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    module = load_script_named("benchmark_memory")
+    assert list(results) == list(module.ROWS)
+    param_bytes = 2 * (2048 * 2048 + 2048) * 4
+    for row, (run,) in results.items():
+        assert run["param_bytes"] == param_bytes and len(run["step_peaks"]) == 2, row
+        # the kernel's counters lag by up to a few pages per thread: a step's peak is its start, or higher
+        assert all(
+            peak >= before - 2**20 for peak, before in zip(run["step_peaks"], run["resident_before"])
+        ), row
+    assert "peak" in done.stdout and module.ROWS[5] in done.stdout
