@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+from functools import partial
 
 ROWS = (
     "base optimizer (SGD)",
@@ -59,7 +60,8 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark_step import davda54_sam_step, released_code_step  # every row imports the same modules
+    from benchmark_step import base_step, davda54_sam_step, released_code_step, two_step
+    from pytorch_optimizer import SAM as ThirdPartySAM
 
     from zsam_hf import ZSAM
 
@@ -79,39 +81,23 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
     model = MLP()
     data = {"inputs": torch.randn(batch, width), "labels": torch.randint(0, width, (batch,))}
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    def loss():
-        return model(**data)["loss"]
-
-    sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
-    if row == ROWS[0]:
-
-        def step():
-            loss().backward()
-            sgd.step()
-            sgd.zero_grad(set_to_none=True)
-    elif row == ROWS[4]:
-
-        def step():
-            davda54_sam_step(model, sgd, data, 0.05)
-    elif row == ROWS[5]:
-
-        def step():
-            released_code_step(model, sgd, data, 0.05, 0.95)
-    else:
-        if row == ROWS[3]:
-            from pytorch_optimizer import SAM as ThirdPartySAM
-
-            optimizer = ThirdPartySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3)
-        else:
-            variant = "sam" if row == ROWS[1] else "zsam"
-            optimizer = ZSAM(model.parameters(), torch.optim.SGD, variant=variant, lr=1e-3)
-
-        def step():
-            loss().backward()
-            optimizer.first_step(zero_grad=True)
-            loss().backward()
-            optimizer.second_step(zero_grad=True)
+    params = model.parameters
+    # The steps of benchmark_step.py (every row imports the same modules), built only for this row.
+    make_step = {
+        ROWS[0]: lambda: partial(base_step, model, torch.optim.SGD(params(), lr=1e-3), data),
+        ROWS[1]: lambda: partial(
+            two_step, model, ZSAM(params(), torch.optim.SGD, variant="sam", lr=1e-3), data
+        ),
+        ROWS[2]: lambda: partial(two_step, model, ZSAM(params(), torch.optim.SGD, lr=1e-3), data),
+        ROWS[3]: lambda: partial(
+            two_step, model, ThirdPartySAM(params(), torch.optim.SGD, rho=0.05, lr=1e-3), data
+        ),
+        ROWS[4]: lambda: partial(davda54_sam_step, model, torch.optim.SGD(params(), lr=1e-3), data, 0.05),
+        ROWS[5]: lambda: partial(
+            released_code_step, model, torch.optim.SGD(params(), lr=1e-3), data, 0.05, 0.95
+        ),
+    }
+    step = make_step[row]()
 
     peaks, resident = [], []
     for i in range(warmup + steps):

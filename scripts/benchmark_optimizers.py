@@ -31,11 +31,11 @@ import torch
 import transformers
 
 from zsam_hf.benchmark.grid import (
-    MATCHED_RHO,
     VARIANTS,
     Budget,
     HessianBudget,
     RunSpec,
+    at_matched_radius,
     load_results,
     run_grid,
 )
@@ -120,8 +120,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
             "zsam-global-start0.5",
             "zsam-global-start0.75",
             "zsam-global-k2",
-            "sam-rho0.224",
-            "zsam-global-rho0.224",
+            at_matched_radius("sam"),
+            at_matched_radius("zsam-global"),
         ],
         choices=list(VARIANTS),
     )
@@ -242,13 +242,12 @@ def separation_budget_text(args, specs: list[RunSpec]) -> str:
 
 # The released code's per-tensor normalization climbs about MATCHED_RHO on ResNet-20: these pairs tell
 # the z-score filter's effect (same radius) from the radius's (same method).
-_MATCHED = f"rho{MATCHED_RHO:g}"
 MATCHED_PAIRS = [
-    (f"zsam-global-{_MATCHED}", f"sam-{_MATCHED}"),
-    ("zsam-tensor", f"sam-{_MATCHED}"),
-    ("zsam-tensor", f"zsam-global-{_MATCHED}"),
-    (f"sam-{_MATCHED}", "sam"),
-    (f"zsam-global-{_MATCHED}", "zsam-global"),
+    (at_matched_radius("zsam-global"), at_matched_radius("sam")),
+    ("zsam-tensor", at_matched_radius("sam")),
+    ("zsam-tensor", at_matched_radius("zsam-global")),
+    (at_matched_radius("sam"), "sam"),
+    (at_matched_radius("zsam-global"), "zsam-global"),
     ("zsam-tensor", "zsam-global"),
 ]
 

@@ -343,9 +343,8 @@ class ZSAMTrainerMixin:
                     self.state.save_to_json(
                         os.path.join(checkpoint.staged, checkpoint_dirs.TRAINER_STATE_NAME)
                     )
-        final = checkpoint.final
         if self._push_deferred:
-            super()._push_from_checkpoint(final)
+            super()._push_from_checkpoint(checkpoint.final)
         if owner:
             checkpoint_dirs.rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
 

@@ -278,25 +278,19 @@ class AppliedPerturbation:
         return total
 
 
-def _can_move(p: torch.Tensor, buffer: torch.Tensor | None) -> bool:
-    """Whether ``p.data`` may point at ``buffer`` between the passes and back.
+def _can_move(p: torch.Tensor) -> bool:
+    """Whether ``p.data`` may point at another buffer between the passes and back.
 
     Only a plain tensor that owns its whole storage: not a tensor subclass (FSDP2's DTensor,
     quantized weights) and not a view into a larger buffer (FSDP1's flat parameter, fused
     optimizers' flat storage), whose other users would not follow the move.
     """
-    if buffer is None:
-        return False
     data = p.data
     return (
         type(data) is torch.Tensor
         and data.is_contiguous()
         and data.storage_offset() == 0
         and data.untyped_storage().nbytes() == data.numel() * data.element_size()
-        and buffer.shape == data.shape
-        and buffer.dtype == data.dtype
-        and buffer.device == data.device
-        and buffer.is_contiguous()
     )
 
 
@@ -365,7 +359,7 @@ def apply_offsets(
             backup = torch.empty_like(p)  # a buffer for the kept entries cannot hold all of p
         else:
             backup = backups[i] if backups is not None else None
-            if move and _can_move(p, backup):
+            if move and backup is not None and _can_move(p):
                 moving_params.append(p)
                 moving_offsets.append(offset.to(p.dtype))
                 moving_buffers.append(backup)

@@ -57,9 +57,16 @@ VARIANTS.update(
 # rho, so on ResNet-20 (20 weight tensors) the whole e has norm about rho sqrt(20) = 0.224, 4.5x SAM's:
 # SAM and global ZSAM at that radius tell the filter's effect from the radius's.
 MATCHED_RHO = 0.224
+
+
+def at_matched_radius(label: str) -> str:
+    """The name of variant ``label`` run at MATCHED_RHO ("sam-rho0.224")."""
+    return f"{label}-rho{MATCHED_RHO:g}"
+
+
 VARIANTS.update(
     {
-        f"{label}-rho{MATCHED_RHO:g}": {**VARIANTS[label], "sam_rho": MATCHED_RHO}
+        at_matched_radius(label): {**VARIANTS[label], "sam_rho": MATCHED_RHO}
         for label in ("sam", "zsam-global")
     }
 )

@@ -263,19 +263,12 @@ def _candidates_above(
     return held_indices, held_values
 
 
-def _copied_into(out: KeptBuffers, kept: Kept) -> Kept:
-    indices, values = kept
-    held_indices, held_values = out.hold(indices.numel(), values.dtype, values.device)
-    held_indices.copy_(indices)
-    held_values.copy_(values)
-    return held_indices, held_values
-
-
 def kept_on_cpu(
     grads: list[torch.Tensor], q: float, means: list[torch.Tensor], buffers: list[KeptBuffers] | None = None
 ) -> list[Kept]:
-    """Kept entries of each CPU gradient; with ``buffers`` (one per gradient) they are written there,
-    so a float32 or float64 gradient's results are views of its buffers."""
+    """Kept entries of each CPU gradient. With ``buffers`` (one per gradient), a large float32 or
+    float64 gradient's results are views of its buffers; small tensors' results (a few KB) and the
+    rare exact fallback are fresh tensors, which do not move the resident peak."""
     results = []
     for i, (g, mean) in enumerate(zip(grads, means)):
         flat = as_float(g)
@@ -286,8 +279,6 @@ def kept_on_cpu(
             kept = _kept_exact(flat, mean, q)
         else:
             kept = _kept_bracketed(flat, mean, q, _workspace(), out)
-        if out is not None and kept[0].data_ptr() != out.indices.data_ptr():
-            kept = _copied_into(out, kept)
         indices, values = kept
         results.append((indices, values.to(g.dtype)))
     return results

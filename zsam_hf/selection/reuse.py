@@ -5,7 +5,8 @@ to map fresh pages for some and reuse freed ones for others, depending on its ow
 step that allocates them anew peaks at a different resident size from one run to the next (on
 a 67M-parameter MLP, ZSAM's peak over the plain step moved between 0.24x and 0.48x of the
 parameter bytes). Writing each step's kept indices, gradient values and the weights' original
-values into the same buffers keeps the peak where it was the step before.
+values into the same buffers (for the tensors large enough to matter) keeps the peak where it was
+the step before.
 
 How many entries a tensor keeps is almost the same every step: the quantile's rank is fixed by
 the tensor's size, and only ties move the count. So the buffers are sized once, with a little
