@@ -110,6 +110,10 @@ def test_separation_study_runs_every_cell_and_reports_paired_intervals(tmp_path)
     cells = {(r["group"], r["variant"], r["seed"]) for r in records}
     assert ("noise0.4", "zsam-global-start0.5", 1) in cells and ("small120", "sam", 0) in cells
     assert ("noise0", "zsam-global-start0.5", 0) not in cells  # the extras run at 40% only
+    # paired on the initial weights too: every run of a seed starts from the same ones, although the
+    # two shards ran their runs in different orders in this one process
+    starts = {seed: {r["initial_weights"] for r in records if r["seed"] == seed} for seed in (0, 1)}
+    assert all(len(digests) == 1 for digests in starts.values()) and starts[0] != starts[1], starts
     for r in records:
         assert r["hessian_top_eigenvalue"] > 0 and r["hessian_samples"] == 32
         assert 0 <= r["train_accuracy_true_labels"] <= 1

@@ -9,6 +9,7 @@ resumes from its last epoch checkpoint (it is never counted before it finishes).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -219,6 +220,16 @@ class HessianBudget:
     batch_size: int = 128
 
 
+def weights_digest(model) -> str:
+    """A short hash of the model's weights and buffers, to show that the variants of one seed
+    start from the same initial weights (every record carries its own)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def hessian_figures(model, train_images, budget: HessianBudget, seed: int) -> dict:
     if budget.samples <= 0:
         return {}
@@ -297,6 +308,7 @@ def run_one(
     )
     built = build_trainer(ModelArguments(model_name_or_path=spec.model), data_args, args)
     trainer = built.trainer
+    initial_weights = weights_digest(trainer.model)
     trainer.remove_callback(PrinterCallback)  # the grid prints one line per run instead
     full_test = trainer.eval_dataset
     if budget.eval_samples_per_epoch:
@@ -331,6 +343,7 @@ def run_one(
         "model": spec.model,
         "variant": spec.variant,
         "seed": spec.seed,
+        "initial_weights": initial_weights,
         "overrides": spec.overrides,
         "sam_interval": args.sam_interval,
         "sam_start": args.sam_start,

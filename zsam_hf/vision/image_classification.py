@@ -229,6 +229,10 @@ def prepare_data(model_args: ModelArguments, data_args: DataArguments, seed: int
         clean_columns = Columns(columns.image, CLEAN_LABEL_COLUMN, columns.names)
     image_size = model_args.image_size or first_image_size(splits.train, columns.image)
     mean, std = channel_statistics(splits.train, columns.image, image_size, 3)
+    # The random initial weights (a model from scratch, a new head) depend on the seed alone, not on
+    # what ran before in this process: a grid that trains its variants one after another in one
+    # process compares them from the same starting point.
+    set_seed(seed)
     built = build_model(
         model_args.model_name_or_path,
         columns.names,
