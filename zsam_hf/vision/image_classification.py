@@ -211,7 +211,10 @@ class PreparedData:
 
 
 def prepare_data(model_args: ModelArguments, data_args: DataArguments, seed: int) -> PreparedData:
-    """Load and split the data, build the model and the transforms; raises before any training."""
+    """Load and split the data, build the model and the transforms; raises before any training.
+
+    Seeds the global random generators with ``seed`` right before building the model, so its
+    random initial weights are the seed's alone."""
     raw = load_image_dataset(data_args.dataset_name, data_args.dataset_config_name, model_args.cache_dir)
     columns = resolve_columns(train_split(raw), data_args.image_column_name, data_args.label_column_name)
     splits = make_splits(
