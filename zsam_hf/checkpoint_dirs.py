@@ -31,6 +31,8 @@ TRAINER_STATE_NAME = "trainer_state.json"
 STAGING_PREFIX = "_staging-"  # a leading "_" keeps it out of Hub uploads (the Trainer ignores "_*")
 REPLACED_PREFIX = "_replaced-"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
+# Shards of weights saved in pieces: model-00001-of-00002.safetensors, pytorch_model-00001-of-00002.bin
+_WEIGHT_SHARD = re.compile(r"^(model|pytorch_model|adapter_model)-\d+-of-\d+\.(safetensors|bin)$")
 _WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -161,23 +163,33 @@ def checkpoint_problems(checkpoint: str) -> list[str]:
     return _unlisted_problems(checkpoint)
 
 
+def is_weight_file(relative: str) -> bool:
+    """Whether a checkpoint file holds model weights (whole, a shard, or a shard index)."""
+    name = os.path.basename(relative)
+    return name in _WEIGHT_FILES or bool(_WEIGHT_SHARD.match(name))
+
+
 def require_complete(checkpoint: str, argument: str = "resume_from_checkpoint") -> None:
     """Raise a clear error when ``checkpoint`` does not exist, is no checkpoint, or is incomplete."""
     if not os.path.exists(checkpoint):
-        raise IncompleteCheckpointError(f"{argument}={checkpoint!r} does not exist.")
+        raise IncompleteCheckpointError(
+            f"Can't find a valid checkpoint at {checkpoint}: {argument}={checkpoint!r} does not exist."
+        )
     if not os.path.isdir(checkpoint):
         raise IncompleteCheckpointError(
-            f"{argument}={checkpoint!r} is a file, not a checkpoint directory (checkpoint-N)."
+            f"Can't find a valid checkpoint at {checkpoint}: {argument}={checkpoint!r} is a file, not a "
+            "checkpoint directory (checkpoint-N)."
         )
     if not _looks_like_checkpoint(checkpoint):
         raise IncompleteCheckpointError(
-            f"{argument}={checkpoint!r} is not a Trainer checkpoint: it holds neither {TRAINER_STATE_NAME}, "
-            f"{MANIFEST_NAME} nor model weights. Name a checkpoint-N directory inside an output_dir."
+            f"Can't find a valid checkpoint at {checkpoint}: {argument}={checkpoint!r} is not a Trainer "
+            f"checkpoint: it holds neither {TRAINER_STATE_NAME}, {MANIFEST_NAME} nor model weights. Name a "
+            "checkpoint-N directory inside an output_dir."
         )
     problems = checkpoint_problems(checkpoint)
     if problems:
         raise IncompleteCheckpointError(
-            f"{argument}={checkpoint!r} is incomplete (its save was interrupted, or files were lost "
+            f"Can't find a valid checkpoint at {checkpoint}: {argument}={checkpoint!r} is incomplete (its save was interrupted, or files were lost "
             f"since): {'; '.join(problems)}. Resume from an earlier checkpoint, or pass "
             "resume_from_checkpoint=True to take the newest complete one."
         )
@@ -299,13 +311,44 @@ def _manifest_problems(checkpoint: str, manifest: str) -> list[str]:
             listed = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return [f"{MANIFEST_NAME} is unreadable ({err})"]
-    problems = []
+    problems, weight_problems = [], []
     for relative, size in sorted(listed.items()):
         path = os.path.join(checkpoint, relative)
         if not os.path.isfile(path):
-            problems.append(f"{relative} is missing")
+            problem = f"{relative} is missing"
         elif os.path.getsize(path) != size:
-            problems.append(f"{relative} holds {os.path.getsize(path)} bytes, {size} were written")
+            problem = f"{relative} holds {os.path.getsize(path)} bytes, {size} were written"
+        else:
+            continue
+        (weight_problems if is_weight_file(relative) else problems).append(problem)
+    # Weights changed after the save (re-sharded into pieces with an index, converted to another
+    # format) were whole when the rename published the checkpoint: judge them by what is there now,
+    # which is what the Trainer will load.
+    if weight_problems and _weights_problems(checkpoint):
+        problems.extend(weight_problems)
+    return problems
+
+
+def _weights_problems(checkpoint: str) -> list[str]:
+    """What keeps the weights now in ``checkpoint`` from loading: none there, a shard its index names
+    missing, or a safetensors file shorter than its header says. [] when they are whole."""
+    names = set(os.listdir(checkpoint))
+    if not names & set(_WEIGHT_FILES):
+        return ["no model weights (model.safetensors or an index) are there"]
+    problems = []
+    for index in sorted(names & {n for n in _WEIGHT_FILES if n.endswith(".index.json")}):
+        try:
+            with open(os.path.join(checkpoint, index)) as f:
+                shards = set(json.load(f)["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            problems.append(f"{index} is unreadable ({err})")
+            continue
+        problems.extend(f"{shard} (named in {index}) is missing" for shard in sorted(shards - names))
+    for name in sorted(names):
+        if is_weight_file(name) and name.endswith(".safetensors"):
+            problem = _safetensors_problem(os.path.join(checkpoint, name))
+            if problem:
+                problems.append(f"{name} {problem}")
     return problems
 
 
@@ -320,10 +363,10 @@ def _unlisted_problems(checkpoint: str) -> list[str]:
                 json.load(f)
         except ValueError:
             problems.append(f"{TRAINER_STATE_NAME} is truncated (not valid JSON)")
-    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in _WEIGHT_FILES):
-        problems.append("no model weights (model.safetensors or an index) are there")
+    problems.extend(_weights_problems(checkpoint))
     for path, relative in _files_under(checkpoint):
-        if relative.endswith(".safetensors"):
+        checked = not os.path.dirname(relative) and is_weight_file(relative)  # by _weights_problems
+        if relative.endswith(".safetensors") and not checked:
             problem = _safetensors_problem(path)
             if problem:
                 problems.append(f"{relative} {problem}")

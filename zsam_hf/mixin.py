@@ -16,7 +16,12 @@ changes. For each micro-batch:
 
 Everything after ``training_step`` (accumulation, unscale, clipping, the optimizer,
 the scheduler, GradScaler skipping, logging, checkpoints) is the host Trainer's own; the
-checkpoints are written whole or not at all (``checkpoint_dirs.py``).
+checkpoints are written whole or not at all, and a rerun resumes from the newest whole one
+(``lifecycle.py``).
+
+The SAM fields are read from ``trainer.args`` each time training starts, not once at
+construction: a hyperparameter search sets them on ``args`` before each trial's ``train()``,
+and each trial must train with its own values, checked as construction checks them.
 """
 
 from __future__ import annotations
@@ -33,14 +38,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.modules.batchnorm import _NormBase
 
-from . import checkpoint_dirs
 from .card import CardContext, build_model_card, card_metrics, card_training_rows, pretrained_name, task_of
-from .checkpoints import check_adapter_checkpoint, is_peft_model, load_checkpoint_weights
 from .config import ZSAMArgumentsMixin, ZSAMTrainingArguments
-from .perturbation import PerturbationStats, SharpnessPerturbation
+from .lifecycle import CheckpointLifecycleMixin
+from .perturbation import DEFAULT_RHO, PerturbationStats, SharpnessPerturbation
 from .sharding import Shards, all_reduce_mean
 
-SAM_STATE_FILE = "sam_state_rank{rank}.pt"
 logger = logging.getLogger(__name__)
 
 
@@ -86,7 +89,7 @@ class _SharpnessMeter:
         self.sums, self.perturbed_micro_batches, self.sharpness_steps = None, 0, set()
 
 
-class ZSAMTrainerMixin:
+class ZSAMTrainerMixin(CheckpointLifecycleMixin):
     """The two-pass sharpness-aware step (ZSAM, SAM, ASAM, Friendly-SAM) for a ``Trainer`` subclass.
 
     Takes arguments built by :func:`~zsam_hf.config.with_zsam_arguments` (the host's config plus
@@ -120,24 +123,43 @@ class ZSAMTrainerMixin:
         requested_fsdp = int((args.fsdp_config or {}).get("version", 2)) if args.fsdp else None
         _check_backend(args, deepspeed=bool(args.deepspeed), fsdp_version=requested_fsdp)
         super().__init__(*bound.args, **bound.kwargs)
-        fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
-        _check_backend(args, deepspeed=self.is_deepspeed_enabled, fsdp_version=fsdp_version)
-        self.perturbation = SharpnessPerturbation(
-            variant=args.sam_variant,
-            rho=args.sam_rho,
-            quantile=args.zsam_quantile,
-            normalization=args.zsam_normalization,
-            asam_eta=args.asam_eta,
-            fsam_sigma=args.fsam_sigma,
-            fsam_lambda=args.fsam_lambda,
-        )
+        _check_one_process_group(self.args)
+        self._check_sam_arguments()
+        self.perturbation = _perturbation_from(self.args)
         self._sharpness_meter = _SharpnessMeter()
-        self._sharpness_logged_step = 0
+        self._sharpness_logged_step: int | None = 0
         self._checkpoint_staging: str | None = None  # while a checkpoint is being staged
         self._push_deferred = False
         # What the model card should say beyond the Trainer's state; scripts fill it in:
         # dataset, dataset_display, eval_split, base_model, command, license, tags.
         self.model_card_info: dict = {}
+
+    # ---- each train() call: this run's SAM settings, read from args now ----------------------
+    def _check_sam_arguments(self) -> None:
+        """The SAM fields as ``__post_init__`` checks them, and the backend they must run on."""
+        self.args._validate_sam_fields()
+        fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
+        _check_backend(self.args, deepspeed=self.is_deepspeed_enabled, fsdp_version=fsdp_version)
+
+    def _inner_training_loop(self, *args, **kwargs):
+        """Start a run with the SAM settings ``args`` holds now (a search trial's, a user's change).
+
+        Runs after the Trainer applied a trial's values and before it restores a checkpoint's
+        optimizer state (where FSAM's average comes back): nothing carries over from an earlier
+        ``train()`` (FSAM's average, reused buffers, the SAM meters).
+        """
+        self._check_sam_arguments()
+        if self.args.sam_rho is None:  # None means the variant's default, as at construction
+            self.args.sam_rho = DEFAULT_RHO[self.args.sam_variant]
+        self.perturbation = _perturbation_from(self.args)
+        self._sharpness_meter.reset()
+        self._sharpness_logged_step = None  # the step training starts at, once the state is loaded
+        return super()._inner_training_loop(*args, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        if self._sharpness_logged_step is None:  # the SAM logs count from the step training starts at
+            self._sharpness_logged_step = self.state.global_step
+        return super()._run_epoch(*args, **kwargs)
 
     # ---- the two-pass step ----------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -269,7 +291,8 @@ class ZSAMTrainerMixin:
         Every rank reaches this together and takes the same steps, so the gather is collective.
         """
         meter = self._sharpness_meter
-        steps = max(self.state.global_step - self._sharpness_logged_step, 1)
+        start = self.state.global_step if self._sharpness_logged_step is None else self._sharpness_logged_step
+        steps = max(self.state.global_step - start, 1)
         logs = {"sam_steps_fraction": len(meter.sharpness_steps) / steps}
         if meter.sums is not None:
             sums = self.accelerator.gather(meter.sums[None]).mean(0).tolist()
@@ -285,126 +308,6 @@ class ZSAMTrainerMixin:
         meter.reset()
         self._sharpness_logged_step = self.state.global_step
         return logs
-
-    # ---- checkpoints that appear whole or not at all (see checkpoint_dirs.py) -----------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """The Trainer's ``train``, resuming from the newest *complete* checkpoint.
-
-        ``resume_from_checkpoint=True`` skips (and names) checkpoints whose save was interrupted;
-        a named checkpoint that is missing, not a checkpoint or incomplete is refused before
-        training starts. Staging directories left by a killed save are removed.
-        """
-        resume = self._resolve_resume(resume_from_checkpoint)
-        return super().train(resume, *args, **kwargs)
-
-    def _resolve_resume(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        output_dir = self.args.output_dir
-        if self.args.should_save:
-            for leftover in checkpoint_dirs.remove_leftovers(output_dir):
-                logger.warning("Removed %s: a checkpoint save that was interrupted.", leftover)
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return None
-        if resume_from_checkpoint is True:
-            search = checkpoint_dirs.find_newest_complete(output_dir)
-            if self.is_world_process_zero():
-                checkpoint_dirs.log_skipped(search)
-            if search.newest is None:
-                skipped = f" (incomplete: {', '.join(search.skipped)})" if search.skipped else ""
-                raise checkpoint_dirs.IncompleteCheckpointError(
-                    f"resume_from_checkpoint=True, but output_dir={output_dir!r} holds no complete "
-                    f"checkpoint{skipped}. Leave resume_from_checkpoint unset to start from scratch."
-                )
-            logger.info("Resuming from %s, the newest complete checkpoint.", search.newest)
-            return search.newest
-        checkpoint = os.fspath(resume_from_checkpoint)
-        checkpoint_dirs.require_complete(checkpoint)
-        return checkpoint
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into a staging directory and renamed into place whole.
-
-        Every rank writes its part (RNG state, FSAM's average, FSDP2 shards) into the same staging
-        directory; after a barrier the process that owns the output directory flushes the files,
-        writes the manifest and renames; a second barrier keeps every rank behind the rename.
-        """
-        run_dir = self._get_output_dir(trial=trial)
-        owner = self.args.should_save
-        barrier = self.accelerator.wait_for_everyone
-        with checkpoint_dirs.staged_checkpoint(run_dir, self.state.global_step, owner, barrier) as checkpoint:
-            self._checkpoint_staging, self._push_deferred = checkpoint.root, False
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._checkpoint_staging = None
-            best = self.state.best_model_checkpoint
-            if best is not None and os.path.normpath(best) == os.path.normpath(checkpoint.staged):
-                self.state.best_model_checkpoint = checkpoint.final  # the state must name where it will live
-                if owner:
-                    self.state.save_to_json(
-                        os.path.join(checkpoint.staged, checkpoint_dirs.TRAINER_STATE_NAME)
-                    )
-        if self._push_deferred:
-            super()._push_from_checkpoint(checkpoint.final)
-        if owner:
-            checkpoint_dirs.rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
-
-    def _get_output_dir(self, trial) -> str:
-        # While a checkpoint is staged, the Trainer's own save code writes into the staging root.
-        if self._checkpoint_staging is not None:
-            return self._checkpoint_staging
-        return super()._get_output_dir(trial)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        # Pushed once the checkpoint is in place, never from the staging directory.
-        if self._checkpoint_staging is not None:
-            self._push_deferred = True
-            return
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    # ---- checkpoints: weights restored whole; FSAM's EMA travels with the optimizer state --
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Resume with every tensor restored (see ``checkpoints.py``), or fail naming the mismatch."""
-        self._load_weights_whole(resume_from_checkpoint, model, super()._load_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        """``load_best_model_at_end`` with every tensor restored, like resume."""
-        checkpoint = self.state.best_model_checkpoint
-        logger.info("Loading best model from %s (score: %s).", checkpoint, self.state.best_metric)
-        self._load_weights_whole(
-            checkpoint, None, lambda *_: super(ZSAMTrainerMixin, self)._load_best_model()
-        )
-
-    def _load_weights_whole(self, checkpoint: str, model, trainer_loader) -> None:
-        model = self.model if model is None else model
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:  # sharded states: the backend's own loader
-            trainer_loader(checkpoint, model)
-        elif is_peft_model(model):  # the adapter alone is saved; PEFT's load_adapter reads it
-            check_adapter_checkpoint(model, checkpoint)
-            trainer_loader(checkpoint, model)
-        else:
-            load_checkpoint_weights(model, checkpoint)
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.perturbation.ema:
-            os.makedirs(output_dir, exist_ok=True)
-            path = os.path.join(output_dir, SAM_STATE_FILE.format(rank=self.args.process_index))
-            torch.save(self.perturbation.state_dict(), path)
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        # Fewer state files than ranks under DDP: share rank 0's (replicas hold the same average).
-        # Under FSDP2 each rank's average is its own slice: only its own file will do.
-        ranks = (self.args.process_index,) if self.is_fsdp_enabled else (self.args.process_index, 0)
-        for rank in ranks:
-            path = os.path.join(checkpoint, SAM_STATE_FILE.format(rank=rank))
-            if os.path.isfile(path):
-                self.perturbation.load_state_dict(
-                    torch.load(path, weights_only=True), device=self.args.device
-                )
-                return
 
     # ---- model card --------------------------------------------------------------------------
     def create_model_card(
@@ -447,6 +350,36 @@ class ZSAMTrainerMixin:
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         build_model_card(context).save(os.path.join(self.args.output_dir, "README.md"))
+
+
+def _perturbation_from(args) -> SharpnessPerturbation:
+    """A fresh perturbation engine with the SAM settings ``args`` holds now."""
+    return SharpnessPerturbation(
+        variant=args.sam_variant,
+        rho=args.sam_rho,
+        quantile=args.zsam_quantile,
+        normalization=args.zsam_normalization,
+        asam_eta=args.asam_eta,
+        fsam_sigma=args.fsam_sigma,
+        fsam_lambda=args.fsam_lambda,
+    )
+
+
+def _check_one_process_group(args) -> None:
+    """Refuse a launch whose environment says several processes but whose Trainer sees one.
+
+    Each such process would train alone and own ``output_dir``, and they would overwrite each
+    other's checkpoints (``accelerate launch`` with a CPU config and no process group does this).
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and args.world_size == 1:
+        raise RuntimeError(
+            f"This process was launched as one of WORLD_SIZE={launched} processes, but the Trainer sees "
+            f"world_size={args.world_size} (process_index={args.process_index}): no process group joins "
+            f"them, so each of the {launched} would train alone and write the same output_dir. On CPUs "
+            f"launch with `accelerate launch --multi_gpu --use_cpu --num_processes {launched} ...` or "
+            f"`torchrun --nproc_per_node {launched} ...`; on GPUs, `accelerate launch --multi_gpu`."
+        )
 
 
 def _check_backend(args, deepspeed: bool, fsdp_version: int | None) -> None:

@@ -205,8 +205,12 @@ class ZSAM(torch.optim.Optimizer):
             if not self._climbed:
                 raise RuntimeError(
                     "ZSAM.step() without a closure, and no first_step() or ascent() since the last step: "
-                    "that would be the base optimizer's plain step. Pass a closure that recomputes the loss "
-                    "and calls backward(), or call first_step() (or use ascent()) before it"
+                    "that would be the base optimizer's plain step. In a transformers Trainer (which calls "
+                    "optimizer.step() with no closure), do not pass ZSAM as the Trainer's optimizer: use "
+                    "zsam_hf.ZSAMTrainer with ZSAMTrainingArguments, or zsam_hf.with_zsam(YourTrainer, "
+                    "YourArguments), which take the two passes inside training_step. In your own loop, pass "
+                    "a closure that recomputes the loss and calls backward(), or call first_step() (or use "
+                    "ascent()) before it"
                 )
             if self._applied is None:
                 self._base_step()

@@ -49,14 +49,15 @@ def _env() -> dict[str, str]:
 class Job:
     """One launch of the worker command, its stdout read line by line in the background."""
 
-    def __init__(self, out: Path, variant: str, processes: int = 1):
+    def __init__(self, out: Path, variant: str, processes: int = 1, hold_before_final_save: bool = False):
         if processes == 1:
             cmd = [sys.executable, str(WORKER), str(out), variant]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                    str(WORKER), str(out), variant]  # fmt: skip
+        env = {**_env(), "HOLD_BEFORE_FINAL_SAVE": "1" if hold_before_final_save else "0"}
         self.proc = subprocess.Popen(
-            cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.seen: list[str] = []
@@ -236,6 +237,27 @@ def test_sigkill_at_any_instant_resumes_bit_identically(tmp_path):
     mid_save = sum(r.mid_save for r in reports)
     print(f"\n{kills} kills, {mid_save} of them mid-save; resumed from: {[r.resumed_from for r in reports]}")
     assert kills >= 20 and mid_save >= 10, (kills, mid_save)
+
+
+@pytest.mark.fault_injection
+def test_a_kill_after_the_last_checkpoint_before_the_final_save_resumes_without_a_step(tmp_path):
+    """The instant a random kill finds only by chance, made on purpose: checkpoint-<max_steps> is in
+    place and the final save has not happened. The same command run again takes no step, writes no
+    checkpoint-<max_steps + 1>, and saves the uninterrupted run's final weights."""
+    _straight_run(tmp_path / "straight", "zsam")
+    killed = tmp_path / "killed"
+    job = Job(killed, "zsam", hold_before_final_save=True)
+    (pid,) = job.pids(1).values()
+    assert job.wait_for("TRAINED") is not None, job.output()
+    assert _newest_checkpoint(killed) == str(killed / f"checkpoint-{MAX_STEPS}")
+    os.kill(pid, signal.SIGKILL)
+    assert job.finish() != 0
+    assert not (killed / "final").exists()
+    rerun = Job(killed, "zsam")
+    assert rerun.wait_for("RESUME") == f"RESUME {killed / f'checkpoint-{MAX_STEPS}'}", rerun.output()
+    assert rerun.finish() == 0, rerun.output()
+    assert "DONE" in rerun.output()
+    _assert_same_run(killed, tmp_path / "straight")  # checkpoints up to max_steps and no further
 
 
 @pytest.mark.fault_injection

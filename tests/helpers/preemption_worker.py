@@ -10,11 +10,14 @@ resumes from ``last_complete_checkpoint(OUT_DIR)`` as the training script does, 
     PID <rank> <pid>        at start, for the test to kill one rank
     RESUME <path | none>    what it resumes from
     TRAIN_BEGIN             when training starts
+    TRAINED                 after train() returned, before the final save (with HOLD_BEFORE_FINAL_SAVE=1
+                            it then waits there, so a test can kill it at exactly that instant)
     DONE                    after the final weights are saved to OUT_DIR/final
 """
 
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -77,6 +80,10 @@ def main(out: str, variant: str) -> None:
     if rank == 0:
         print(f"RESUME {checkpoint or 'none'}", flush=True)
     trainer.train(resume_from_checkpoint=checkpoint)
+    if rank == 0:
+        print("TRAINED", flush=True)
+    if os.environ.get("HOLD_BEFORE_FINAL_SAVE") == "1":
+        time.sleep(600)  # the test kills it here: after the last checkpoint, before the final save
     trainer.save_model(os.path.join(out, "final"))
     if rank == 0:
         print("DONE", flush=True)
