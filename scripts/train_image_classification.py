@@ -4,6 +4,7 @@
     python scripts/train_image_classification.py            # the offline demo (Fashion-MNIST subset)
     python scripts/train_image_classification.py --dataset_name uoft-cs/cifar10 --model_name_or_path cifar_resnet20
     python scripts/train_image_classification.py args.json  # or args.yaml: the same flags as a file
+    python scripts/train_image_classification.py --hp_search_trials 8 --hp_search_rho 0.01:0.5  # choose rho
     accelerate launch --multi_gpu --num_processes 8 scripts/train_image_classification.py ...
 
 Flags: --help lists them all (model, data, and every TrainingArguments/ZSAM field).
@@ -28,6 +29,7 @@ from zsam_hf.vision.image_classification import (
     SetupError,
     run,
 )
+from zsam_hf.vision.search import SearchArguments, run_search
 
 # With no arguments at all: ZSAM on a real dataset that ships with this machine's packages,
 # small enough for a laptop CPU in a few minutes.
@@ -47,8 +49,8 @@ DEMO_ARGS = [
 ]
 
 
-def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSAMTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, ZSAMTrainingArguments))
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, ZSAMTrainingArguments, SearchArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, ZSAMTrainingArguments, SearchArguments))
     parser.set_defaults(**SCRIPT_DEFAULTS)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         text = Path(argv[0]).read_text()
@@ -69,7 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         argv = DEMO_ARGS
     try:
-        model_args, data_args, training_args = parse(argv)
+        model_args, data_args, training_args, search_args = parse(argv)
+        if search_args.hp_search_trials > 0:
+            search = run_search(model_args, data_args, training_args, search_args, argv=[sys.argv[0], *argv])
+            print(
+                f"{len(search.rows)} trials: {search.output_dir / 'hp_search.md'}, hp_search.csv, hp_search.png"
+            )
+            print(
+                f"best: sam_rho={search.best['sam_rho']:.4g}, eval_accuracy={search.best['eval_accuracy']:.4f}"
+            )
+            print(f"train it with:\n  {search.command}")
+            return 0
         result = run(model_args, data_args, training_args, argv=[sys.argv[0], *argv])
     except (SetupError, ValueError, FileNotFoundError) as err:  # bad arguments, found before training
         print(f"error: {err}", file=sys.stderr)

@@ -261,7 +261,7 @@ def test_arguments_from_json_and_yaml_files(script, tmp_path):
     }
     for name, text in (("a.json", json.dumps(values)), ("a.yaml", yaml.safe_dump(values))):
         (tmp_path / name).write_text(text)
-        model_args, data_args, training_args = script.parse([str(tmp_path / name)])
+        model_args, data_args, training_args, _ = script.parse([str(tmp_path / name)])
         assert (model_args.model_name_or_path, data_args.dataset_name, training_args.sam_variant) == (
             "vgg16_bn",
             "digits",
