@@ -32,6 +32,7 @@ METHOD_NAMES = {
     "sam": "Sharpness-Aware Minimization (SAM)",
     "asam": "Adaptive Sharpness-Aware Minimization (ASAM)",
     "fsam": "Friendly Sharpness-Aware Minimization (F-SAM)",
+    "random": "the random-mask control of ZSAM (random entries at ZSAM's density)",
     "none": "the base optimizer alone (no sharpness-aware step)",
 }
 METHOD_PARAGRAPHS = {
@@ -44,6 +45,10 @@ METHOD_PARAGRAPHS = {
     "sam": "Each step climbs to w + rho g / ||g||, takes the gradient there and steps from w with it.",
     "asam": "Each step climbs to w + rho T^2 g / ||T g|| with T = |w| + eta on weights, and steps from w.",
     "fsam": "Each step removes sigma times an EMA of past gradients from g before SAM's ascent.",
+    "random": (
+        "A control, not a method: each step keeps in every weight tensor as many gradient entries as ZSAM's "
+        "z-score filter would, chosen uniformly at random, and climbs to w + e built from them as ZSAM builds it."
+    ),
     "none": "No ascent step: a plain Trainer run, kept as a baseline.",
 }
 # The Hub's task of a model, from the end of its class name (the usual transformers heads).

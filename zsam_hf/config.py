@@ -37,12 +37,15 @@ class _SAMFields:
     sam_variant: str = field(
         default="zsam",
         metadata={
-            "help": f"Sharpness-aware variant, one of {', '.join(VARIANTS)} ('none' = plain Trainer step)."
+            "help": f"Sharpness-aware variant, one of {', '.join(VARIANTS)} ('none' = plain Trainer step; "
+            "'random' = the control: as many entries as zsam keeps, chosen at random)."
         },
     )
     sam_rho: float | None = field(
         default=None,
-        metadata={"help": "Perturbation radius rho > 0. Default: 0.05 for zsam/sam/fsam, 0.5 for asam."},
+        metadata={
+            "help": "Perturbation radius rho > 0. Default: 0.05 for zsam/sam/fsam/random, 0.5 for asam."
+        },
     )
     zsam_quantile: float = field(
         default=0.95,
@@ -51,8 +54,8 @@ class _SAMFields:
     zsam_normalization: str = field(
         default="global",
         metadata={
-            "help": "ZSAM normalization of e: 'global' (paper's formula, ||e|| = rho) or 'tensor' "
-            "(released code: each weight tensor's e has norm rho)."
+            "help": "Normalization of e for zsam, sam and random: 'global' (paper's formula, ||e|| = rho) or "
+            "'tensor' (released code: each weight tensor's e has norm rho)."
         },
     )
     asam_eta: float = field(default=0.01, metadata={"help": "ASAM eta >= 0 in T = |w| + eta."})
@@ -103,7 +106,9 @@ class ZSAMArgumentsMixin:
     """Validation, defaults and helpers of the SAM fields, for any ``TrainingArguments`` class.
 
     SAM family:
-        sam_variant: "zsam" (default), "sam", "asam", "fsam" or "none" (the plain Trainer step).
+        sam_variant: "zsam" (default), "sam", "asam", "fsam", "random" (the control: as many
+            entries per weight tensor as zsam keeps, drawn at random each step from (seed, step)),
+            or "none" (the plain Trainer step).
         sam_rho: radius of the ascent step; None picks the variant's default
             (0.05 for zsam/sam/fsam, 0.5 for asam).
         sam_interval: the two-pass step runs on every this-many-th optimizer step (default 1:
@@ -116,7 +121,8 @@ class ZSAMArgumentsMixin:
             gradient is the averaged one (the only possibility), and False is refused.
     ZSAM:
         zsam_quantile: Q_p; entries with |z| above this quantile are kept (0.95 keeps 5%).
-        zsam_normalization: "global" (the paper: ||e|| = rho) or "tensor" (released code).
+        zsam_normalization: "global" (the paper: ||e|| = rho) or "tensor" (released code: each
+            weight tensor's e has norm rho); applies to zsam, random and sam.
     ASAM / Friendly-SAM:
         asam_eta, fsam_sigma, fsam_lambda.
     """
@@ -197,8 +203,10 @@ class ZSAMArgumentsMixin:
             sam_start=self.sam_start,
             sam_sync_ascent=self.sam_sync_ascent,
         )
-        if self.sam_variant == "zsam":
+        if self.sam_variant in ("zsam", "random"):
             params.update(zsam_quantile=self.zsam_quantile, zsam_normalization=self.zsam_normalization)
+        elif self.sam_variant == "sam" and self.zsam_normalization != "global":
+            params.update(zsam_normalization=self.zsam_normalization)
         elif self.sam_variant == "asam":
             params.update(asam_eta=self.asam_eta)
         elif self.sam_variant == "fsam":

@@ -185,10 +185,10 @@ class ZSAMTrainerMixin(CheckpointLifecycleMixin):
         if sharded:
             numels = [p.numel() for p in params]
             applied, stats = self.perturbation.perturb(
-                names, [_local(p) for p in params], grads, Shards(), numels
+                names, [_local(p) for p in params], grads, Shards(), numels, step=self.state.global_step
             )
         else:
-            applied, stats = self.perturbation.perturb(names, params, grads)
+            applied, stats = self.perturbation.perturb(names, params, grads, step=self.state.global_step)
         del grads
         # 3. descent pass at w + e (the host's own training step), 4. back to w exactly
         try:
@@ -303,7 +303,7 @@ class ZSAMTrainerMixin(CheckpointLifecycleMixin):
                 sharpness=(sums[1] - sums[0]) / sharpness_steps,
                 perturbation_norm=sums[2] / perturbed,
             )
-            if self.args.sam_variant == "zsam":
+            if self.args.sam_variant in ("zsam", "random"):
                 logs["zsam_kept_fraction"] = sums[3] / perturbed
         meter.reset()
         self._sharpness_logged_step = self.state.global_step
@@ -362,6 +362,7 @@ def _perturbation_from(args) -> SharpnessPerturbation:
         asam_eta=args.asam_eta,
         fsam_sigma=args.fsam_sigma,
         fsam_lambda=args.fsam_lambda,
+        seed=args.seed,
     )
 
 
@@ -399,6 +400,12 @@ def _check_backend(args, deepspeed: bool, fsdp_version: int | None) -> None:
         raise ValueError(
             f"The two-pass step supports FSDP version 2 only, got fsdp_version={fsdp_version}: set "
             "fsdp_config={'fsdp_version': 2} (transformers' default), or use DDP."
+        )
+    if args.sam_variant == "random":
+        raise ValueError(
+            "sam_variant='random' (the random-mask control) is not supported under FSDP2: drawing one mask "
+            "per full tensor from sharded slices exactly is not implemented. Run the control under DDP or "
+            "on one device."
         )
     if args.sam_sync_ascent is False:
         raise ValueError(

@@ -73,13 +73,17 @@ class ZSAM(torch.optim.Optimizer):
             scales parameters whose name contains "weight"), or param groups of either.
         base_optimizer: the optimizer class that takes the actual step (``torch.optim.AdamW``, ...),
             built here on the same param groups with ``base_optimizer_kwargs``.
-        variant: "zsam" (default), "sam", "asam" or "fsam".
+        variant: "zsam" (default), "sam", "asam", "fsam" or "random" (the control: as many entries
+            per weight tensor as zsam keeps, drawn at random from (``seed``, step) each step).
         rho: radius of the ascent step; None picks the variant's default (0.05; ASAM 0.5).
-        quantile, normalization: ZSAM's Q_p and "global" (the paper) or "tensor" (the released code).
+        quantile, normalization: ZSAM's Q_p and "global" (the paper) or "tensor" (the released code);
+            the normalization applies to zsam, random and sam.
         asam_eta, fsam_sigma, fsam_lambda: the baselines' hyper-parameters.
         sync_ascent: average the ascent gradient over the processes of the default process group
             before building e (one flat all-reduce); False (default): each replica climbs with its
             own gradient, as in the SAM paper (take the ascent backward inside ``no_sync``).
+        seed: with the number of base steps taken, what the random control's masks are drawn from
+            (saved in ``state_dict``, so a resumed loop draws the same masks).
 
     ``param_groups`` are the base optimizer's own, so a learning-rate scheduler built on either
     drives both. ``state_dict()`` holds the base optimizer's state and Friendly-SAM's average.
@@ -98,6 +102,7 @@ class ZSAM(torch.optim.Optimizer):
         fsam_sigma: float = 1.0,
         fsam_lambda: float = 0.9,
         sync_ascent: bool = False,
+        seed: int = 0,
         **base_optimizer_kwargs,
     ):
         _check_arguments(base_optimizer, variant, rho, quantile, normalization)
@@ -115,8 +120,9 @@ class ZSAM(torch.optim.Optimizer):
         self._ready = True
         self.perturbation = SharpnessPerturbation(
             variant=variant, rho=rho, quantile=quantile, normalization=normalization, asam_eta=asam_eta,
-            fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda,
+            fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda, seed=seed,
         )  # fmt: skip
+        self._steps = 0  # base steps taken: with ``seed``, what the random control's masks are drawn from
         self.sync_ascent = sync_ascent
         self._applied: AppliedPerturbation | None = None
         self._climbed = False  # a first_step since the last base step
@@ -138,7 +144,7 @@ class ZSAM(torch.optim.Optimizer):
         if self.sync_ascent and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             grads = all_reduce_mean(grads, params)
         names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
-        self._applied, stats = self.perturbation.perturb(names, params, grads)
+        self._applied, stats = self.perturbation.perturb(names, params, grads, step=self._steps)
         self._climbed = True
         self.last_perturbation_norm = None if stats is None else stats.norm
         if zero_grad:
@@ -161,6 +167,7 @@ class ZSAM(torch.optim.Optimizer):
 
     def _base_step(self) -> None:
         self.base_optimizer.step()
+        self._steps += 1
         self._climbed = False
         # An LR scheduler on this optimizer sees the step (as after optimizer.step()). Under Lightning
         # `self` is its LightningOptimizer wrapper, with a copy of our attributes and the optimizer
@@ -238,6 +245,7 @@ class ZSAM(torch.optim.Optimizer):
         return {
             "base_optimizer": self.base_optimizer.state_dict(),
             "perturbation": self.perturbation.state_dict(),
+            "steps": self._steps,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -245,6 +253,7 @@ class ZSAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         device = next((p.device for g in self.param_groups for p in g["params"]), None)
         self.perturbation.load_state_dict(state_dict.get("perturbation", {}), device=device)
+        self._steps = int(state_dict.get("steps", 0))
 
     def add_param_group(self, param_group: dict) -> None:
         if not self._ready:  # torch.optim.Optimizer.__init__ adds the base optimizer's groups

@@ -21,13 +21,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .selection import Kept, KeptBuffers, gradient_mean, kept_entries_many, kept_entries_sharded
+from .selection import (
+    Kept,
+    KeptBuffers,
+    gradient_mean,
+    kept_entries_many,
+    kept_entries_sharded,
+    quantile_ranks,
+)
 from .sharding import Shards
 
 EPS = 1e-12
-VARIANTS = ("zsam", "sam", "asam", "fsam", "none")
+VARIANTS = ("zsam", "sam", "asam", "fsam", "random", "none")
 NORMALIZATIONS = ("global", "tensor")
-DEFAULT_RHO = {"zsam": 0.05, "sam": 0.05, "fsam": 0.05, "asam": 0.5, "none": 0.05}
+DEFAULT_RHO = {"zsam": 0.05, "sam": 0.05, "fsam": 0.05, "asam": 0.5, "random": 0.05, "none": 0.05}
+# The variants whose e depends on the normalization option (the others are always global).
+NORMALIZED_VARIANTS = ("zsam", "sam", "random")
 
 
 # --------------------------------------------------------------------------------------
@@ -87,6 +96,45 @@ def sam_offsets(
     grad_norm = _global_norm(grads, shards) if grad_norm is None else grad_norm
     torch._foreach_mul_(grads, rho / (grad_norm + EPS))
     return grads
+
+
+def sam_tensor_offsets(grads: list[torch.Tensor], rho: float, shards: Shards | None = None) -> list[Offset]:
+    """SAM with the released code's per-tensor split: e_p = rho g_p / (||g_p|| + eps) for weight
+    tensors (ndim > 1), e_p = rho g_p / (||g||_G + eps) for the others (as ZSAM's ``tensor`` mode).
+    Scales ``grads`` in place."""
+    weights = [g for g in grads if g.ndim > 1]
+    others = [g for g in grads if g.ndim <= 1]
+    if others:
+        torch._foreach_mul_(others, rho / (_global_norm(grads, shards) + EPS))
+    if weights:
+        scales = rho / (_tensor_norms(weights, shards) + EPS)
+        torch._foreach_mul_(weights, list(scales.to(weights[0].dtype).unbind()))
+    return grads
+
+
+def random_kept_count(numel: int, quantile: float) -> int:
+    """How many entries the z-score filter keeps in a tensor of ``numel`` entries without ties at the
+    threshold: the n - 1 - floor(q (n - 1)) largest (the position rounded as ``torch.quantile`` does)."""
+    (lo, _), _ = quantile_ranks(numel, quantile)
+    return numel - 1 - lo
+
+
+def mask_generator(seed: int, step: int) -> torch.Generator:
+    """The random control's generator for one optimizer step: a function of (seed, step) alone, so a
+    resumed run draws the same masks and the global RNG streams (dropout, data order) are untouched."""
+    return torch.Generator().manual_seed(((seed & 0xFFFFFFFF) << 31 | (step & 0x7FFFFFFF)) & (2**63 - 1))
+
+
+def random_kept(grads: list[torch.Tensor], quantile: float, seed: int, step: int) -> list[Kept]:
+    """The random control's kept entries: per weight gradient, as many entries as the z-score filter
+    would keep (``random_kept_count``), drawn uniformly without replacement, and g there."""
+    generator = mask_generator(seed, step)
+    kept = []
+    for g in grads:
+        k = random_kept_count(g.numel(), quantile)
+        indices = torch.randperm(g.numel(), generator=generator)[:k].sort().values.to(g.device)
+        kept.append((indices, g.detach().reshape(-1).index_select(0, indices)))
+    return kept
 
 
 def asam_offsets(
@@ -392,15 +440,16 @@ class SharpnessPerturbation:
     asam_eta: float = 0.01
     fsam_sigma: float = 1.0
     fsam_lambda: float = 0.9
+    seed: int = 0  # the random control's masks: drawn from (seed, optimizer step)
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _kept_buffers: dict[str, KeptBuffers] = field(default_factory=dict, repr=False)
 
     def offsets(
-        self, names, params, grads, shards=None, numels=None
+        self, names, params, grads, shards=None, numels=None, step: int = 0
     ) -> tuple[list[Offset], float | None] | None:
         """e for each parameter (aligned with ``params``) and the zsam kept fraction (see ``_offsets``)."""
-        result = self._offsets(names, params, grads, shards, numels, reuse_buffers=False)
+        result = self._offsets(names, params, grads, shards, numels, reuse_buffers=False, step=step)
         return None if result is None else result[:2]
 
     def _offsets(
@@ -411,6 +460,7 @@ class SharpnessPerturbation:
         shards: Shards | None = None,
         numels: list[int] | None = None,
         reuse_buffers: bool = True,
+        step: int = 0,
     ) -> tuple[list[Offset], float | None, torch.Tensor | None] | None:
         """e for each parameter (aligned with ``params``), the zsam kept fraction, and ||e|| when the
         variant knows it without a pass over e (SAM: rho ||g|| / (||g|| + eps)), else None.
@@ -422,7 +472,18 @@ class SharpnessPerturbation:
         reuses a number each variant computes anyway: ||g||_G, or for zsam the means
         (on a CPU, each checked just before its tensor's selection).
         With ``shards``, the tensors are this rank's slices of full tensors of ``numels`` entries.
+        ``step`` (the optimizer step) seeds the random control's masks, with ``seed``.
         """
+        if self.variant == "random":
+            if shards is not None:
+                raise ValueError("sam_variant='random' is not supported on sharded (FSDP2) parameters")
+            if not _all_finite(grads):
+                return None
+            kept = random_kept([g for g in grads if g.ndim > 1], self.quantile, self.seed, step)
+            offsets, kept_fraction = zsam_offsets(
+                grads, self.rho, self.quantile, self.normalization, kept=kept
+            )
+            return offsets, kept_fraction, None
         if self.variant == "zsam":
             weight_grads = [g for g in grads if g.ndim > 1]
             kept = None
@@ -453,6 +514,8 @@ class SharpnessPerturbation:
         grad_norm = _global_norm(grads, shards)
         if not bool(torch.isfinite(grad_norm)):
             return None
+        if self.variant == "sam" and self.normalization == "tensor":
+            return sam_tensor_offsets(grads, self.rho, shards), None, None
         if self.variant == "sam":
             return sam_offsets(grads, self.rho, grad_norm), None, self.rho * grad_norm / (grad_norm + EPS)
         if self.variant == "asam":
@@ -469,6 +532,7 @@ class SharpnessPerturbation:
         grads: list[torch.Tensor | None],
         shards: Shards | None = None,
         numels: list[int] | None = None,
+        step: int = 0,
     ) -> tuple[AppliedPerturbation, PerturbationStats | None]:
         """Climb to w + e (docs/algorithm.md, step 2) in place; returns how to get back and step stats.
 
@@ -485,7 +549,7 @@ class SharpnessPerturbation:
         params = [params[i] for i in present]
         grads = [grads[i] for i in present]
         numels = [numels[i] for i in present] if numels is not None else None
-        result = self._offsets(names, params, grads, shards, numels)
+        result = self._offsets(names, params, grads, shards, numels, step=step)
         if result is None:
             return AppliedPerturbation(), None
         offsets, kept_fraction, norm = result

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference import as_f64, reference_offsets
+from reference import as_f64, reference_mask, reference_offsets
 from sam_references import DavdaSAM, ReleasedZSAM
 from toy import TinyClassifier, micro_batches_of_step, train_recorded, vector_dataset
 
 from zsam_hf import ZSAM
+from zsam_hf.perturbation import random_kept
 
 
 class SmallCNN(nn.Module):
@@ -91,7 +92,7 @@ def test_closure_form_equals_the_two_step_form():
     _assert_state_close(closure, two_step, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant", ["zsam", "sam", "asam", "fsam"])
+@pytest.mark.parametrize("variant", ["zsam", "sam", "asam", "fsam", "random"])
 def test_state_dict_round_trip_mid_run_continues_exactly(variant):
     batches = _batches(8)
     make = lambda m: ZSAM(m.named_parameters(), torch.optim.AdamW, variant=variant, lr=1e-2)  # noqa: E731
@@ -114,8 +115,9 @@ def test_state_dict_round_trip_mid_run_continues_exactly(variant):
 
 @pytest.mark.parametrize(
     ("variant", "normalization"),
-    [("zsam", "global"), ("zsam", "tensor"), ("sam", "global"), ("asam", "global"), ("fsam", "global")],
-)
+    [("zsam", "global"), ("zsam", "tensor"), ("sam", "global"), ("asam", "global"), ("fsam", "global"),
+     ("sam", "tensor"), ("random", "global"), ("random", "tensor")],
+)  # fmt: skip
 def test_each_step_hands_the_base_optimizer_the_reference_gradient(variant, normalization):
     """With SGD (lr 1, no momentum) w1 = w0 - g', g' = grad L(w0 + e), e from tests/helpers/reference.py."""
     model = TinyClassifier(n_in=6, hidden=40).double()
@@ -137,8 +139,9 @@ def test_each_step_hands_the_base_optimizer_the_reference_gradient(variant, norm
 
         leaves = {n: t.clone().requires_grad_() for n, t in w0.items()}
         g = torch.autograd.grad(loss_at(leaves), list(leaves.values()))
+        masks = _random_masks(list(g), step) if variant == "random" else None
         e = reference_offsets(variant, names, [w0[n] for n in names], list(g), optimizer.perturbation.rho,
-                              normalization=normalization, ema=ema)  # fmt: skip
+                              normalization=normalization, ema=ema, masks=masks)  # fmt: skip
         shifted = {n: (w0[n] + torch.from_numpy(o)).requires_grad_() for n, o in zip(names, e)}
         g_prime = torch.autograd.grad(loss_at(shifted), list(shifted.values()))
         model(x, labels=y)["loss"].backward()
@@ -148,6 +151,24 @@ def test_each_step_hands_the_base_optimizer_the_reference_gradient(variant, norm
         for n, p in model.named_parameters():
             expected = as_f64(w0[n]) - as_f64(g_prime[names.index(n)])
             assert abs(as_f64(p) - expected).max() < 1e-10, (step, n)
+
+
+def _random_masks(grads: list[torch.Tensor], step: int, seed: int = 0, quantile: float = 0.95) -> list:
+    """The random control's masks of one step, drawn as docs/algorithm.md says (a generator seeded by
+    (seed, step)); each holds exactly as many entries as the z-score filter keeps of that tensor."""
+    weights = [g for g in grads if g.ndim > 1]
+    drawn = iter(random_kept(weights, quantile, seed, step))
+    masks = []
+    for g in grads:
+        if g.ndim <= 1:
+            masks.append(None)
+            continue
+        indices, _ = next(drawn)
+        mask = torch.zeros(g.numel(), dtype=torch.bool)
+        mask[indices] = True
+        assert mask.sum() == reference_mask(g, quantile).sum()  # the z-score filter's count (no ties)
+        masks.append(mask.view(g.shape).numpy())
+    return masks
 
 
 def test_the_optimizer_and_the_trainer_give_the_same_weights_on_the_same_batches(tmp_path):

@@ -52,11 +52,17 @@ def reference_offsets(
     ema: dict | None = None,
     sigma: float = 1.0,
     lam: float = 0.9,
+    masks: list | None = None,
 ) -> list[np.ndarray]:
-    """e for each (param, grad) pair, exactly as docs/algorithm.md writes it."""
+    """e for each (param, grad) pair, exactly as docs/algorithm.md writes it.
+
+    ``masks`` (one per tensor, None for tensors with ndim <= 1) replace the z-score masks: the
+    random control is ZSAM's e built on other masks."""
     g = [as_f64(x) for x in grads]
     w = [as_f64(x) for x in params]
     g_norm = _norm(g)
+    if variant == "sam" and normalization == "tensor":
+        return [rho * gi / (_norm([gi]) + EPS) if gi.ndim > 1 else rho * gi / (g_norm + EPS) for gi in g]
     if variant == "sam":
         return [rho * gi / (g_norm + EPS) for gi in g]
     if variant == "asam":
@@ -75,11 +81,12 @@ def reference_offsets(
                 ema[n] = lam * ema[n] + (1 - lam) * gi
         d_norm = _norm(directions)
         return [rho * d / (d_norm + EPS) for d in directions]
-    assert variant == "zsam"
+    assert variant in ("zsam", "random")
+    assert (variant == "random") == (masks is not None)
     filtered = []
-    for gi in g:
+    for i, gi in enumerate(g):
         if gi.ndim > 1:
-            m = reference_mask(gi, quantile)
+            m = reference_mask(gi, quantile) if masks is None else np.asarray(masks[i], dtype=bool)
             filtered.append(gi * m if m.any() else None)
         else:
             filtered.append(None)
