@@ -15,6 +15,12 @@ the base optimizer: symmetric label noise (``--label_noise``, clean test set) an
 training sets trained to overfitting (``--small_data``), with the Hessian's top eigenvalue and
 trace of every trained model; the runs are ordered seed by seed, so a grid stopped early
 holds whole seeds. ``--shard K/N`` lets N processes share one grid.
+
+``--study controls`` asks what the z-score filter does: every method of ``--methods`` (the random
+control at ZSAM's density and SAM split per tensor among them) at every effective radius of
+``--radii`` on one seed, scored on a validation split with the training noise; then each method at
+its selected radius (and the random control at ZSAM's selection) over ``--seeds``, level by level
+of ``--label_noise``, with paired 95% intervals (zsam_hf/benchmark/controls.py).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import time
 import torch
 import transformers
 
+from zsam_hf.benchmark import controls
 from zsam_hf.benchmark.grid import (
     VARIANTS,
     Budget,
@@ -104,7 +111,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--report_only", action="store_true", help="only rebuild tables and plots from results.jsonl"
     )
-    p.add_argument("--study", choices=["grid", "separation"], default="grid")
+    p.add_argument("--study", choices=["grid", "separation", "controls"], default="grid")
+    p.add_argument(
+        "--methods", nargs="+", default=list(controls.METHODS), choices=list(controls.METHODS),
+        help="controls study: the methods searched and compared",
+    )  # fmt: skip
+    p.add_argument(
+        "--radii", nargs="+", type=float, default=list(controls.RADII), help="controls: ||e|| searched"
+    )
+    p.add_argument("--search_seed", type=int, default=0, help="controls: the seed of the radius search")
+    p.add_argument("--validation_samples", type=int, default=2000, help="controls: validation images scored")
     p.add_argument("--label_noise", nargs="*", type=float, default=[0.0, 0.2, 0.4, 0.6])
     p.add_argument(
         "--noise_extra_level",
@@ -145,6 +161,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def _budget(args, epochs: float, max_train_samples: int | None, label_noise: float = 0.0) -> Budget:
     return Budget(
+        validation=args.study == "controls",
+        validation_samples=args.validation_samples,
         label_noise=label_noise,
         schedule=args.schedule,
         augment=not args.no_augment,
@@ -272,11 +290,61 @@ def report(args, specs: list[RunSpec], records: list[dict]) -> str:
     return text + "\nAccuracy against wall time:\n\n" + cost
 
 
+def controls_budget_text(args, weight_tensors: int) -> str:
+    return (
+        f"Dataset {args.dataset_name}; models {args.models} ({weight_tensors} weight tensors: the per-tensor methods "
+        f"run at rho = ||e|| / sqrt({weight_tensors})); methods {args.methods}; label noise {args.label_noise}; "
+        f"{args.max_train_samples or 'all'} training images, {args.epochs:g} epochs, batch {args.batch_size}, Adam lr "
+        f"{args.learning_rate:g}, L2 {args.weight_decay:g}, "
+        + ("cosine decay" if args.schedule == "cosine" else "StepLR")
+        + ("; no augmentation" if args.no_augment else "")
+        + f"; Q_p {args.quantile:g}. Radius search on seed {args.search_seed} over ||e|| in {args.radii}, scored on "
+        f"{args.validation_samples} validation images carved from the training pool with the training noise; final "
+        f"runs on seeds {args.seeds} at the selected radii, tested on the whole clean test set, Hessian on "
+        f"{args.hessian_samples} clean training images; device {'cuda' if torch.cuda.is_available() else 'cpu'} "
+        f"({torch.get_num_threads()} threads). Command: python {shlex.join(sys.argv)}"
+    )
+
+
+def run_controls(args, log) -> str:
+    """Level by level: the radius search, then (once every search run is in) the final runs."""
+    path = os.path.join(args.output_dir, "results.jsonl")
+    weight_tensors = controls.weight_tensor_count(args.models[0])
+    hessian = HessianBudget(args.hessian_samples, args.hessian_iterations, trace_samples=args.trace_samples)
+    for noise in args.label_noise:
+        budget = _budget(args, args.epochs, args.max_train_samples, label_noise=noise)
+        for model in args.models:
+            search = controls.search_specs(
+                model, budget, args.methods, args.radii, args.search_seed, weight_tensors
+            )
+            if not args.report_only:
+                run_grid(search, args.output_dir, args.flatness_radii, args.flatness_directions,
+                         args.flatness_samples, log=log, hessian=HessianBudget(0), shard=args.shard)  # fmt: skip
+            chosen = controls.selections(load_results(path), search)
+            if chosen is None:
+                log(
+                    f"noise {noise:g}: the radius search is not complete yet; run again to start the final runs"
+                )
+                continue
+            final = controls.final_specs(model, budget, chosen, args.seeds)
+            if not args.report_only:
+                run_grid(final, args.output_dir, args.flatness_radii, args.flatness_directions,
+                         args.flatness_samples, log=log, hessian=hessian, shard=args.shard)  # fmt: skip
+    return controls.write_controls_report(
+        load_results(path), args.output_dir, args.label_noise, args.methods, args.radii, weight_tensors,
+        controls_budget_text(args, weight_tensors),
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     transformers.utils.logging.set_verbosity_error()
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.study == "controls":
+        start = time.time()
+        print(run_controls(args, log=lambda m: print(f"{time.time() - start:7.0f}s {m}", flush=True)))
+        return 0
     specs = specs_for(args)
     text = separation_budget_text(args, specs) if args.study == "separation" else budget_text(args, specs)
     with open(os.path.join(args.output_dir, "budget.json"), "w") as f:

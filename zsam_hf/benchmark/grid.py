@@ -71,6 +71,16 @@ VARIANTS.update(
         for label in ("sam", "zsam-global")
     }
 )
+# The controls of the filter study (controls.py): random masks at ZSAM's density, SAM split per tensor,
+# and the random control at the radius and normalization ZSAM selected (given as overrides).
+VARIANTS.update(
+    {
+        "sam-tensor": dict(sam_variant="sam", zsam_normalization="tensor"),
+        "random-global": dict(sam_variant="random", zsam_normalization="global"),
+        "random-tensor": dict(sam_variant="random", zsam_normalization="tensor"),
+        "random-matched": dict(sam_variant="random"),
+    }
+)
 
 
 @dataclass
@@ -93,11 +103,21 @@ class Budget:
     label_noise: float = 0.0  # fraction of training labels made uniformly random (fixed per seed)
     schedule: str = "released"  # "released" (warm-up, then StepLR) or "cosine" (warm-up, then cosine to 0)
     augment: bool = True  # the training script's random crop and flip
+    # Score on a validation split carved from the training pool, labelled with the training noise (its
+    # first ``validation_samples`` images); the test split, clean and whole, is evaluated at the end.
+    validation: bool = False
+    validation_samples: int = 2000
 
     def key(self) -> str:
         fields = asdict(self)
         # budgets from before these fields existed keep their keys (and so their results)
-        for name, default in (("label_noise", 0.0), ("schedule", "released"), ("augment", True)):
+        for name, default in (
+            ("label_noise", 0.0),
+            ("schedule", "released"),
+            ("augment", True),
+            ("validation", False),
+            ("validation_samples", 2000),
+        ):
             if fields[name] == default:
                 del fields[name]
         return json.dumps(fields, sort_keys=True)
@@ -278,7 +298,7 @@ def run_one(
     fields.update(spec.overrides)
     if budget.rho is not None and "sam_rho" not in spec.overrides and spec.variant != "asam":
         fields["sam_rho"] = budget.rho
-    if fields.get("sam_variant") == "zsam":
+    if fields.get("sam_variant") in ("zsam", "random"):
         fields.setdefault("zsam_quantile", budget.quantile)
     args = ZSAMTrainingArguments(
         output_dir=run_dir,
@@ -301,7 +321,8 @@ def run_one(
     )
     data_args = DataArguments(
         dataset_name=budget.dataset_name,
-        eval_split="test",
+        eval_split="auto" if budget.validation else "test",
+        eval_label_noise=budget.validation,
         max_train_samples=budget.max_train_samples,
         train_label_noise=budget.label_noise,
         augment=budget.augment,
@@ -310,7 +331,14 @@ def run_one(
     trainer = built.trainer
     initial_weights = weights_digest(trainer.model)
     trainer.remove_callback(PrinterCallback)  # the grid prints one line per run instead
-    full_test = trainer.eval_dataset
+    validation = None
+    if budget.validation:  # curves and the validation score on the noisy held-out split; test at the end
+        validation = trainer.eval_dataset.select(
+            range(min(budget.validation_samples, len(trainer.eval_dataset)))
+        )
+        trainer.eval_dataset, full_test = validation, built.test
+    else:
+        full_test = trainer.eval_dataset
     if budget.eval_samples_per_epoch:
         trainer.eval_dataset = full_test.select(range(min(budget.eval_samples_per_epoch, len(full_test))))
     steps_per_epoch = math.ceil(len(trainer.train_dataset) / (budget.batch_size * max(1, args.world_size)))
@@ -331,6 +359,10 @@ def run_one(
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     wall = time.perf_counter() - start
     final = trainer.evaluate(full_test, metric_key_prefix="final")
+    scored = {}
+    if validation is not None:
+        scored = trainer.evaluate(validation, metric_key_prefix="validation")
+        scored = {"validation_accuracy": scored["validation_accuracy"], "validation_samples": len(validation)}
     flat_set = full_test.select(range(min(flatness_samples, len(full_test))))
     flat = flatness(trainer.model, flat_set, flatness_radii, flatness_directions, seed=1000 + spec.seed)
     measured = {
@@ -353,6 +385,9 @@ def run_one(
         "final_test_accuracy": final["final_accuracy"],
         "final_test_loss": final["final_loss"],
         "final_test_top5_accuracy": final.get("final_top5_accuracy"),
+        **scored,
+        "sam_rho": args.sam_rho if args.sam_variant != "none" else None,
+        "zsam_normalization": args.zsam_normalization,
         "train_loss_mean": train_output.training_loss,
         "wall_time_s": wall,
         "resumed": checkpoint is not None,

@@ -124,6 +124,13 @@ class DataArguments:
             "label noise, fixed by --seed); validation and test labels stay clean."
         },
     )
+    eval_label_noise: bool = field(
+        default=False,
+        metadata={
+            "help": "Give a validation split carved from train the same label noise as training (what a user "
+            "tuning on noisy data would have); the test split stays clean."
+        },
+    )
 
     def __post_init__(self):
         if not (isinstance(self.train_label_noise, (int, float)) and 0 <= self.train_label_noise <= 1):
@@ -230,6 +237,8 @@ def prepare_data(model_args: ModelArguments, data_args: DataArguments, seed: int
     if data_args.train_label_noise > 0:
         splits.train = with_label_noise(splits.train, columns, data_args.train_label_noise, seed)
         clean_columns = Columns(columns.image, CLEAN_LABEL_COLUMN, columns.names)
+        if data_args.eval_label_noise and splits.eval_name != "test":  # other rows, other draws than train's
+            splits.eval = with_label_noise(splits.eval, columns, data_args.train_label_noise, seed + 1)
     image_size = model_args.image_size or first_image_size(splits.train, columns.image)
     mean, std = channel_statistics(splits.train, columns.image, image_size, 3)
     # The random initial weights (a model from scratch, a new head) depend on the seed alone, not on
