@@ -378,12 +378,12 @@ def write_report(
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
+        "| " + " | ".join(columns) + " | |",
+        "|" + "---|" * (len(columns) + 1),
         *(
             "| "
             + " | ".join(_cell(row.get(c)) for c in columns)
-            + (" |" if row is not best else " | **best**")
+            + (" | **best** |" if row is best else " | |")
             for row in sorted(rows, key=lambda row: row["sam_rho"])
         ),
         "",
@@ -401,6 +401,7 @@ def _cell(value) -> str:
 
 def _plot(rows: list[dict], best: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -410,6 +411,7 @@ def _plot(rows: list[dict], best: dict, path: Path) -> None:
     ax.plot([r["sam_rho"] for r in ordered], [r.get(OBJECTIVE) for r in ordered], "o-", color="tab:blue")
     ax.plot([best["sam_rho"]], [best.get(OBJECTIVE)], "*", markersize=14, color="tab:red", label="best")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: minor labels collide
     ax.set_xlabel("sam_rho (log scale)")
     ax.set_ylabel("validation accuracy")
     ax.set_title(f"{len(rows)} trials ({best.get('sam_variant')})")
