@@ -4,7 +4,7 @@ PYTHON ?= python3
 CONSTRAINTS ?= .ci/constraints.txt
 OLDEST_VENV ?= build/venv-oldest
 
-.PHONY: install system-data test test-oldest demo benchmark-step lint lock
+.PHONY: install system-data test test-oldest demo benchmark-step lint lock docs
 
 # Fashion-MNIST for the offline demo comes from Debian's dataset-fashion-mnist package.
 system-data:
@@ -33,6 +33,11 @@ demo: install
 
 benchmark-step: install
 	$(PYTHON) scripts/benchmark_step.py
+
+# The documentation site, built with warnings as errors (a broken link, anchor or reference fails).
+docs:
+	$(PYTHON) -m pip install -q -c $(CONSTRAINTS) -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
 
 lint:
 	$(PYTHON) -m ruff format --check .

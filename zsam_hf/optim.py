@@ -76,9 +76,12 @@ class ZSAM(torch.optim.Optimizer):
         variant: "zsam" (default), "sam", "asam", "fsam" or "random" (the control: as many entries
             per weight tensor as zsam keeps, drawn at random from (``seed``, step) each step).
         rho: radius of the ascent step; None picks the variant's default (0.05; ASAM 0.5).
-        quantile, normalization: ZSAM's Q_p and "global" (the paper) or "tensor" (the released code);
-            the normalization applies to zsam, random and sam.
-        asam_eta, fsam_sigma, fsam_lambda: the baselines' hyper-parameters.
+        quantile: ZSAM's Q_p: entries with |z| above this quantile are kept (0.95 keeps 5%).
+        normalization: "global" (the paper: ||e|| = rho) or "tensor" (the released code: each weight
+            tensor's e has norm rho); applies to zsam, random and sam.
+        asam_eta: ASAM's eta in T = |w| + eta.
+        fsam_sigma: Friendly-SAM's weight of the removed average.
+        fsam_lambda: Friendly-SAM's average decay.
         sync_ascent: average the ascent gradient over the processes of the default process group
             before building e (one flat all-reduce); False (default): each replica climbs with its
             own gradient, as in the SAM paper (take the ascent backward inside ``no_sync``).

@@ -32,7 +32,7 @@ def test_defaults_follow_the_paper(tmp_path):
 @pytest.mark.parametrize(
     "field,value,allowed",
     [
-        ("sam_variant", "gsam", "zsam, sam, asam, fsam, none"),
+        ("sam_variant", "gsam", "zsam, sam, asam, fsam, random, none"),
         ("sam_rho", 0.0, "> 0"),
         ("sam_rho", -1.0, "> 0"),
         ("sam_rho", float("nan"), "> 0"),
