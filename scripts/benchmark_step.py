@@ -90,8 +90,8 @@ def trainer_step(trainer: ZSAMTrainer, model, batch) -> int:
     kept = []
     perturb = trainer.perturbation.perturb
 
-    def measured(*args):
-        applied, stats = perturb(*args)
+    def measured(*args, **kwargs):
+        applied, stats = perturb(*args, **kwargs)
         kept.append(applied.extra_bytes())
         return applied, stats
 

@@ -221,3 +221,23 @@ def test_memory_benchmark_measures_every_row_in_its_own_process(tmp_path):
             peak >= before - 2**20 for peak, before in zip(run["step_peaks"], run["resident_before"])
         ), row
     assert "peak" in done.stdout and module.ROWS[5] in done.stdout
+
+
+def test_the_step_benchmark_runs_through_the_trainer_and_prints_its_ratio(tmp_path):
+    """A shrunk run of scripts/benchmark_step.py: every row steps through ZSAMTrainer.training_step."""
+    import os
+    import subprocess
+    import sys
+
+    from script_loader import ROOT
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), "--workloads", "resnet10t@16x2",
+         "--steps", "1", "--rounds", "1", "--warmup", "1", "--intervals", "2", "--no_released",
+         "--json", str(tmp_path / "step.json")],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ZSAM (ours) / SAM step-time ratio" in done.stdout
+    assert (tmp_path / "step.json").stat().st_size > 0
