@@ -59,18 +59,23 @@ def _check_trials(tmp_path: Path, record_dir: Path, configurations: list[tuple[s
         assert_identical(trial_weights, _alone(tmp_path, variant, rho))
 
 
-def test_optuna_trials_each_train_with_their_own_rho_and_variant(tmp_path):
-    import optuna
-
-    configurations = [("zsam", 0.01), ("zsam", 0.2), ("sam", 0.05), ("none", 0.05)]
-    record_dir = tmp_path / "trials"
-    trainer = ZSAMTrainer(
+def _searchable_trainer(tmp_path: Path, record_dir: Path) -> ZSAMTrainer:
+    """Built as the guide builds it: model_init, a validation set, zsam at rho 0.05 until a trial says otherwise."""
+    return ZSAMTrainer(
         model_init=model_init,
         args=search_args(tmp_path, sam_variant="zsam", sam_rho=0.05),
         train_dataset=vector_dataset(32),
         eval_dataset=vector_dataset(16, seed=5),
         callbacks=[TrialRecorder(str(record_dir))],
     )
+
+
+def test_optuna_trials_each_train_with_their_own_rho_and_variant(tmp_path):
+    import optuna
+
+    configurations = [("zsam", 0.01), ("zsam", 0.2), ("sam", 0.05), ("none", 0.05)]
+    record_dir = tmp_path / "trials"
+    trainer = _searchable_trainer(tmp_path, record_dir)
 
     def hp_space(trial):
         variant, rho = configurations[
@@ -102,13 +107,7 @@ def test_ray_tune_trials_each_train_with_their_own_rho(tmp_path):
     # fresh process, as users run it, has none; the tests before this one trained, so clear it.
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    trainer = ZSAMTrainer(
-        model_init=model_init,
-        args=search_args(tmp_path, sam_variant="zsam", sam_rho=0.05),
-        train_dataset=vector_dataset(32),
-        eval_dataset=vector_dataset(16, seed=5),
-        callbacks=[TrialRecorder(str(record_dir))],
-    )
+    trainer = _searchable_trainer(tmp_path, record_dir)
     ray.init(
         num_cpus=2,
         include_dashboard=False,

@@ -217,6 +217,21 @@ class PreparedData:
     dataset_display: str
 
 
+def build_model_from_arguments(
+    model_args: ModelArguments, labels: list[str], preprocessing: Preprocessing
+) -> BuiltModel:
+    """The model ``model_args`` names, for ``labels``, as the script builds it (a fresh one per call)."""
+    return build_model(
+        model_args.model_name_or_path,
+        labels,
+        preprocessing,
+        pretrained=model_args.pretrained,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+    )
+
+
 def prepare_data(model_args: ModelArguments, data_args: DataArguments, seed: int) -> PreparedData:
     """Load and split the data, build the model and the transforms; raises before any training.
 
@@ -245,15 +260,7 @@ def prepare_data(model_args: ModelArguments, data_args: DataArguments, seed: int
     # what ran before in this process: a grid that trains its variants one after another in one
     # process compares them from the same starting point.
     set_seed(seed)
-    built = build_model(
-        model_args.model_name_or_path,
-        columns.names,
-        Preprocessing(image_size, mean, std, 3),
-        pretrained=model_args.pretrained,
-        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-    )
+    built = build_model_from_arguments(model_args, columns.names, Preprocessing(image_size, mean, std, 3))
     prep = built.preprocessing
     train_tf = SeededAugmentation(
         image_transform(prep.image_size, prep.mean, prep.std, prep.num_channels, True, data_args.augment),
@@ -395,6 +402,7 @@ __all__ = [
     "RunResult",
     "SCRIPT_DEFAULTS",
     "SetupError",
+    "build_model_from_arguments",
     "build_trainer",
     "prepare_data",
     "run",

@@ -29,9 +29,15 @@ from .. import run_lock
 from ..card import redact_command
 from ..config import ZSAMTrainingArguments
 from ..trainer import ZSAMTrainer
-from .image_classification import AugmentationEpoch, DataArguments, ModelArguments, SetupError, prepare_data
+from .image_classification import (
+    AugmentationEpoch,
+    DataArguments,
+    ModelArguments,
+    SetupError,
+    build_model_from_arguments,
+    prepare_data,
+)
 from .metrics import classification_metrics
-from .models import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -216,15 +222,7 @@ def _model_init(model_args: ModelArguments, data):
     labels, preprocessing = data.labels, data.built.preprocessing
 
     def model_init():
-        return build_model(
-            model_args.model_name_or_path,
-            labels,
-            preprocessing,
-            pretrained=model_args.pretrained,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-        ).model
+        return build_model_from_arguments(model_args, labels, preprocessing).model
 
     return model_init
 
