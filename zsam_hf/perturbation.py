@@ -445,6 +445,8 @@ class SharpnessPerturbation:
     fsam_sigma: float = 1.0
     fsam_lambda: float = 0.9
     seed: int = 0  # the random control's masks: drawn from (seed, optimizer step)
+    # The accelerator's selection (one topk per tensor, fixed shapes) on any device; default: by device.
+    fixed_shape: bool = False
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _kept_buffers: dict[str, KeptBuffers] = field(default_factory=dict, repr=False)
@@ -491,7 +493,12 @@ class SharpnessPerturbation:
         if self.variant == "zsam":
             weight_grads = [g for g in grads if g.ndim > 1]
             kept = None
-            if shards is None and weight_grads and weight_grads[0].device.type == "cpu":
+            if (
+                shards is None
+                and weight_grads
+                and weight_grads[0].device.type == "cpu"
+                and not self.fixed_shape
+            ):
                 if not _all_finite([g for g in grads if g.ndim <= 1]):
                     return None
                 buffers = None
@@ -507,6 +514,8 @@ class SharpnessPerturbation:
                     means = shards.means(weight_grads, [n for g, n in zip(grads, numels) if g.ndim > 1])
                 if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)], shards):
                     return None
+            if kept is None and shards is None and self.fixed_shape:
+                kept = kept_entries_many(weight_grads, self.quantile, means, fixed_shape=True)
             offsets, kept_fraction = zsam_offsets(
                 grads, self.rho, self.quantile, self.normalization, means, shards, numels, kept
             )

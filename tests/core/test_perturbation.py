@@ -318,8 +318,8 @@ def test_mask_of_a_30m_entry_tensor_uses_linear_selection(monkeypatch):
 
 
 @pytest.mark.parametrize("q", [0.0, 0.5, 0.95, 0.99])
-def test_accelerator_path_with_few_syncs_gives_the_same_masks(q, monkeypatch):
-    """The GPU path (one flat mask, one nonzero) against the reference, here on the CPU."""
+def test_accelerator_path_with_one_sync_gives_the_same_masks(q):
+    """The GPU path (fixed-shape topk per tensor, one synchronization) against the reference, on the CPU."""
     from zsam_hf.selection import accelerator, order_statistics
 
     gen = torch.Generator().manual_seed(5)
@@ -330,11 +330,8 @@ def test_accelerator_path_with_few_syncs_gives_the_same_masks(q, monkeypatch):
         torch.randint(-2, 3, (500, 90), generator=gen).float(),
         torch.randn(64, 3, 3, 3, generator=gen).half(),
     ]
-    monkeypatch.setattr(
-        order_statistics, "SORT_SIZE_LIMIT", 20_000
-    )  # the largest tensor takes the selection branch
     means = [order_statistics.gradient_mean(g) for g in grads]
-    for grad, (kept, values) in zip(grads, accelerator.kept_with_few_syncs(grads, q, means)):
+    for grad, (kept, values) in zip(grads, accelerator.kept_with_one_sync(grads, q, means)):
         mask = np.zeros(grad.numel(), dtype=bool)
         mask[kept.numpy()] = True
         np.testing.assert_array_equal(mask.reshape(grad.shape), reference_mask(grad, q))

@@ -210,3 +210,33 @@ def test_optimizer_in_an_accelerate_fp16_loop() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
     final = [p.detach() for p in model.parameters()]
     assert any(not torch.equal(a, b) for a, b in zip(weights[0], final)), "no step was taken at all"
+
+
+def test_the_fixed_shape_selection_runs_without_a_host_synchronization_and_inside_a_cuda_graph() -> None:
+    """The accelerator's selection (one topk per tensor): sync debug mode "error" passes, and a captured
+    CUDA graph replays it to the eager answer."""
+    from zsam_hf.selection import kept_fixed_shape
+
+    grad = torch.randn(512, 512, 3, 3, device=DEVICE)
+    eager = kept_fixed_shape(grad, 0.95)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        kept_fixed_shape(grad, 0.95)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static = grad.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kept_fixed_shape(static, 0.95)  # warm-up on a side stream, as capture requires
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kept_fixed_shape(static, 0.95)
+    static.copy_(grad)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(
+        torch.sort(captured.indices[captured.valid]).values, torch.sort(eager.indices[eager.valid]).values
+    )

@@ -11,7 +11,9 @@ rest of the step's bookkeeping together, and ``torch.quantile`` refuses tensors 
 2^24 entries. So each device has its own path to the same exact answer:
 
 * ``cpu.py``: a sampled bound, one collecting pass over cache-sized chunks, a small selection;
-* ``accelerator.py``: sort-based thresholds with torch ops alone, two host synchronizations;
+* ``fixed_shape.py``: one ``topk`` per tensor, shapes fixed by n and Q_p, no host synchronization
+  (accelerators; selectable on the CPU with ``fixed_shape=True``); ``accelerator.py`` turns its
+  results into kept entries with one host synchronization per step;
 * ``sharded.py``: tensors sliced across ranks (FSDP2), exact without gathering whole tensors;
 * ``order_statistics.py``: the quantile's definition and the O(n) selections they share.
 """
@@ -20,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .accelerator import kept_with_few_syncs
+from .accelerator import kept_with_one_sync
 from .cpu import kept_on_cpu
+from .fixed_shape import FixedKept, candidate_count, kept_fixed_shape, kept_fixed_shape_many
 from .order_statistics import (
     Kept,
     adjacent_order_statistics,
@@ -34,7 +37,11 @@ from .reuse import KeptBuffers
 from .sharded import sharded_thresholds
 
 __all__ = [
+    "FixedKept",
     "Kept",
+    "candidate_count",
+    "kept_fixed_shape",
+    "kept_fixed_shape_many",
     "KeptBuffers",
     "adjacent_order_statistics",
     "gradient_mean",
@@ -52,12 +59,14 @@ def kept_entries_many(
     quantile: float,
     means: list[torch.Tensor] | None = None,
     buffers: list[KeptBuffers] | None = None,
+    fixed_shape: bool | None = None,
 ) -> list[Kept]:
     """For each gradient tensor, the flat indices the z-score filter keeps and g there.
 
     ``means`` (from ``gradient_mean``) saves a pass when the caller has them already.
     CPU tensors take the sampled bound (least memory traffic); accelerator tensors the
-    sort-based path with two host synchronizations per call. ``buffers`` (one per tensor)
+    fixed-shape path (``fixed_shape.py``: one ``topk`` each, one host synchronization per call).
+    ``fixed_shape=True`` takes the accelerator's path on any device. ``buffers`` (one per tensor)
     hold CPU results from step to step (``reuse.py``); the caching allocator already keeps
     an accelerator's peak steady, so they are not used there.
     """
@@ -65,8 +74,8 @@ def kept_entries_many(
         return []
     grads = [g.detach() for g in grads]
     means = [gradient_mean(g) for g in grads] if means is None else means
-    if grads[0].device.type != "cpu":
-        return kept_with_few_syncs(grads, quantile, means)
+    if fixed_shape if fixed_shape is not None else grads[0].device.type != "cpu":
+        return kept_with_one_sync(grads, quantile, means)
     return kept_on_cpu(grads, quantile, means, buffers)
 
 
