@@ -7,11 +7,19 @@ import torch
 import torch.distributed as dist
 from toy import RecordingTrainer, StepRecorder, TinyClassifier, make_args, vector_dataset
 
+# record name -> the SAM fields of the run (ZSAM per replica and synchronized; the two controls)
+MODES = {
+    "sync0": dict(sam_sync_ascent=False),
+    "sync1": dict(sam_sync_ascent=True),
+    "random": dict(sam_variant="random", zsam_normalization="tensor"),
+    "sam-tensor": dict(sam_variant="sam", zsam_normalization="tensor"),
+}
+
 
 def main(out: Path) -> None:
-    for sync in (False, True):
+    for mode, fields in MODES.items():
         model = TinyClassifier()
-        args = make_args(out, output_dir=str(out / f"run_sync{int(sync)}"), sam_sync_ascent=sync, max_steps=3)
+        args = make_args(out, output_dir=str(out / f"run_{mode}"), max_steps=3, **fields)
         trainer = RecordingTrainer(model=model, args=args, train_dataset=vector_dataset(48))
         recorder = StepRecorder(model)
         trainer.add_callback(recorder)
@@ -24,7 +32,7 @@ def main(out: Path) -> None:
             "batches": trainer.micro_batches,
             "world_size": dist.get_world_size(),
         }
-        torch.save(record, out / f"sync{int(sync)}_rank{dist.get_rank()}.pt")
+        torch.save(record, out / f"{mode}_rank{dist.get_rank()}.pt")
     dist.barrier()
     dist.destroy_process_group()  # a clean shutdown: gloo's threads are not left to interpreter exit
 
