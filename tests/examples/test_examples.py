@@ -79,3 +79,14 @@ def test_ddp_example_runs_on_two_processes(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "world_size 2" in done.stdout and "perturbation_norm" in done.stdout
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
+
+
+def test_lightning_loop_learns():
+    assert _load("lightning_loop").main() > 0.7
+
+
+def test_trl_sft_takes_the_two_pass_step_and_keeps_sfts_metrics(tmp_path):
+    trainer = _load("trl_sft").main(str(tmp_path / "out"))
+    assert type(trainer).__name__ == "ZSAMSFTTrainer"
+    assert _logged(trainer, "perturbation_norm") == pytest.approx([0.05] * 3, rel=1e-5)
+    assert _logged(trainer, "num_tokens") and _logged(trainer, "mean_token_accuracy")
