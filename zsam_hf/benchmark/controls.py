@@ -196,13 +196,16 @@ def write_controls_report(
         final = [r for r in records if r["group"] == final_group(noise)]
         if not search:
             continue
-        chosen = _chosen_from(search)
+        expected = (1 if "none" in methods else 0) + len([m for m in methods if m != "none"]) * len(radii)
+        complete = len({r["key"] for r in search}) >= expected
+        chosen = _chosen_from(search) if complete else {}  # no selection from a partial search
         plot = f"accuracy_vs_radius_noise{noise:g}.png"
         plot_accuracy_vs_radius(search, chosen, os.path.join(out_dir, plot), methods, weight_tensors,
                                 f"{100 * noise:.0f}% label noise")  # fmt: skip
         parts += [f"## {100 * noise:.0f}% label noise", "",
-                  f"Radius search ({len(search)} runs, seed {search[0]['seed']}): validation accuracy % (clean test "
-                  "accuracy %), the selected radius in bold.", "",
+                  f"Radius search ({len(search)} of {expected} runs, seed {search[0]['seed']}): validation accuracy % "
+                  "(noisy labels, as trained) and clean test accuracy % in brackets; "
+                  + ("the selected radius in bold." if complete else "incomplete, so nothing is selected yet."), "",
                   search_table(search, chosen, methods, radii, weight_tensors), f"![accuracy against radius]({plot})", ""]  # fmt: skip
         if final:
             seeds = sorted({r["seed"] for r in final})
