@@ -1,7 +1,7 @@
 """What the hyperparameter-search tests share: a callback that writes down each trial (in whatever
 process runs it: Ray Tune runs trials in worker processes), and a fresh single run to compare with.
 
-    python search_helpers.py OUT_DIR VARIANT RHO    # one configuration trained alone, weights saved
+    python search_helpers.py OUT_DIR VARIANT:RHO ...   # each configuration trained alone, weights saved
 """
 
 from __future__ import annotations
@@ -58,12 +58,15 @@ class TrialRecorder(TrainerCallback):
 
 
 def single_run(out: str, variant: str, rho: float) -> None:
-    args = search_args(Path(out), sam_variant=variant, sam_rho=rho)
+    """The configuration trained by a trainer of its own (no search), weights in OUT/<trial name>.safetensors."""
+    args = search_args(Path(out) / trial_name(variant, rho), sam_variant=variant, sam_rho=rho)
     trainer = ZSAMTrainer(model=model_init(), args=args, train_dataset=vector_dataset(32))
     trainer.train()
     state_dict = {k: v.detach().clone().contiguous() for k, v in trainer.model.state_dict().items()}
-    safetensors.torch.save_file(state_dict, os.path.join(out, "weights.safetensors"))
+    safetensors.torch.save_file(state_dict, os.path.join(out, f"{trial_name(variant, rho)}.safetensors"))
 
 
 if __name__ == "__main__":
-    single_run(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    for configuration in sys.argv[2:]:
+        variant, rho = configuration.split(":")
+        single_run(sys.argv[1], variant, float(rho))

@@ -34,18 +34,22 @@ def _env() -> dict[str, str]:
     }
 
 
-def _alone(tmp_path: Path, variant: str, rho: float) -> dict:
-    """The configuration trained alone, in a fresh process."""
-    out = tmp_path / f"alone-{trial_name(variant, rho)}"
+def _alone(tmp_path: Path, configurations: list[tuple[str, float]]) -> dict[tuple[str, float], dict]:
+    """Each configuration trained by a trainer of its own, in a fresh process (one for all of them)."""
+    out = tmp_path / "alone"
     out.mkdir()
     subprocess.run(
-        [sys.executable, str(HELPERS / "search_helpers.py"), str(out), variant, str(rho)],
+        [sys.executable, str(HELPERS / "search_helpers.py"), str(out), *(f"{v}:{r}" for v, r in configurations)],
         env=_env(), check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    return safetensors.torch.load_file(out / "weights.safetensors")
+    return {
+        (v, r): safetensors.torch.load_file(out / f"{trial_name(v, r)}.safetensors")
+        for v, r in configurations
+    }
 
 
 def _check_trials(tmp_path: Path, record_dir: Path, configurations: list[tuple[str, float]]) -> None:
+    alone = _alone(tmp_path, configurations)
     for variant, rho in configurations:
         name = trial_name(variant, rho)
         record = json.loads((record_dir / f"{name}.json").read_text())
@@ -56,7 +60,7 @@ def _check_trials(tmp_path: Path, record_dir: Path, configurations: list[tuple[s
                 [rho] * len(record["norms"]), rel=1e-5
             )
         trial_weights = safetensors.torch.load_file(record_dir / f"{name}.safetensors")
-        assert_identical(trial_weights, _alone(tmp_path, variant, rho))
+        assert_identical(trial_weights, alone[(variant, rho)])
 
 
 def _searchable_trainer(tmp_path: Path, record_dir: Path) -> ZSAMTrainer:
