@@ -13,11 +13,16 @@ from pathlib import Path
 
 import safetensors.torch
 from toy import TinyClassifier, make_args, vector_dataset
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from zsam_hf import ZSAMTrainer
 
 MAX_STEPS = 4
+
+
+class LoggingTrainer(Trainer):
+    """A user's own Trainer subclass: the Ray test gives it the two-pass step through ``with_zsam``,
+    whose class is made at run time and must travel to Ray's workers."""
 
 
 def model_init():

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 from checks import assert_identical
-from search_helpers import TrialRecorder, model_init, search_args, trial_name
+from search_helpers import LoggingTrainer, TrialRecorder, model_init, search_args, trial_name
 from toy import vector_dataset
 
-from zsam_hf import ZSAMTrainer
+from zsam_hf import ZSAMTrainer, with_zsam
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 
@@ -63,11 +63,12 @@ def _check_trials(tmp_path: Path, record_dir: Path, configurations: list[tuple[s
         assert_identical(trial_weights, alone[(variant, rho)])
 
 
-def _searchable_trainer(tmp_path: Path, record_dir: Path) -> ZSAMTrainer:
+def _searchable_trainer(tmp_path: Path, record_dir: Path, trainer_class=ZSAMTrainer) -> ZSAMTrainer:
     """Built as the guide builds it: model_init, a validation set, zsam at rho 0.05 until a trial says otherwise."""
-    return ZSAMTrainer(
+    args = search_args(tmp_path, sam_variant="zsam", sam_rho=0.05)
+    return trainer_class(
         model_init=model_init,
-        args=search_args(tmp_path, sam_variant="zsam", sam_rho=0.05),
+        args=trainer_class._zsam_arguments_class(**args.to_dict()),
         train_dataset=vector_dataset(32),
         eval_dataset=vector_dataset(16, seed=5),
         callbacks=[TrialRecorder(str(record_dir))],
@@ -100,6 +101,8 @@ def test_optuna_trials_each_train_with_their_own_rho_and_variant(tmp_path):
 
 
 def test_ray_tune_trials_each_train_with_their_own_rho(tmp_path):
+    """Through a class ``with_zsam`` made at run time (a user's own Trainer subclass): it must survive Ray's
+    serialization into the workers."""
     import ray
     from accelerate.state import AcceleratorState, GradientState
     from ray import tune
@@ -111,7 +114,9 @@ def test_ray_tune_trials_each_train_with_their_own_rho(tmp_path):
     # fresh process, as users run it, has none; the tests before this one trained, so clear it.
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    trainer = _searchable_trainer(tmp_path, record_dir)
+    trainer_class, _ = with_zsam(LoggingTrainer)
+    assert not hasattr(__import__("zsam_hf.trainer").trainer, trainer_class.__name__)  # made at run time
+    trainer = _searchable_trainer(tmp_path, record_dir, trainer_class)
     ray.init(
         num_cpus=2,
         include_dashboard=False,
