@@ -247,12 +247,15 @@ from toy import TinyClassifier, vector_dataset
 from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments
 args = ZSAMTrainingArguments(output_dir=sys.argv[1], max_steps=2, report_to=[], disable_tqdm=True)
 ZSAMTrainer(model=TinyClassifier(), args=args, train_dataset=vector_dataset(16)).train()
+print(f"TRAINED world_size={args.world_size} process_index={args.process_index}", flush=True)
 """
 
 
 def test_a_launch_of_several_processes_without_a_process_group_is_refused(tmp_path):
-    """The README's FSDP2 config with use_cpu and 2 processes: accelerate starts two processes
-    (WORLD_SIZE=2) but joins them in no process group, so each Trainer sees world_size 1."""
+    """The README's FSDP2 config with use_cpu and 2 processes. Current accelerate starts two processes
+    (WORLD_SIZE=2) but joins them in no process group, so each Trainer sees world_size 1 and would write
+    output_dir alone: refused. Older accelerate (the oldest supported) joins them in one gloo group: one job.
+    Either way, never two writers."""
     (tmp_path / "fsdp2.yaml").write_text(_FSDP2_ON_CPU)
     (tmp_path / "launched.py").write_text(_LAUNCHED)
     helpers = Path(__file__).resolve().parent.parent / "helpers"
@@ -263,7 +266,12 @@ def test_a_launch_of_several_processes_without_a_process_group_is_refused(tmp_pa
          str(tmp_path / "launched.py"), str(tmp_path / "out")],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert done.returncode != 0, done.stdout + done.stderr
+    if done.returncode == 0:  # accelerate before 1.1x joined such processes in one gloo group: one job, fine
+        trained = sorted(line for line in done.stdout.splitlines() if line.startswith("TRAINED"))
+        assert trained == ["TRAINED world_size=2 process_index=0", "TRAINED world_size=2 process_index=1"], (
+            done.stdout + done.stderr
+        )
+        return
     assert "launched as one of WORLD_SIZE=2 processes, but the Trainer sees world_size=1" in done.stderr
     assert "--multi_gpu --use_cpu" in done.stderr and "torchrun" in done.stderr
     assert sorted_checkpoints(str(tmp_path / "out")) == []
