@@ -29,7 +29,6 @@ from .selection import (
     kept_entries_sharded,
     quantile_ranks,
 )
-from .selection.cpu import map_over_tensors
 from .sharding import Shards
 
 EPS = 1e-12
@@ -260,20 +259,19 @@ def _kept_while_finite(
 ) -> list[Kept] | None:
     """Each CPU weight gradient's mean, then at once its kept entries; None if a mean is not finite.
 
-    Tensor by tensor, so the selection reads a gradient the mean has just brought into the CPU's
-    cache; the large tensors on every core the process has (``map_over_tensors``). ``buffers`` (one
-    per gradient) receive the kept entries.
+    Tensor by tensor, so the selection reads a gradient the mean has just brought into the
+    CPU's cache; a non-finite mean (an fp16 overflow) stops before the next selection.
+    ``buffers`` (one per gradient) receive the kept entries. One thread: a pool of Python
+    threads calling torch ops gave each its own OpenMP team, and the plain step's convolutions
+    slowed by a fifth (docs/performance.md).
     """
-
-    def one(i: int) -> Kept | None:
-        g = grads[i]
+    kept = []
+    for i, g in enumerate(grads):
         mean = gradient_mean(g)
-        if not math.isfinite(mean.item()):  # an fp16 overflow: no perturbation this step
+        if not math.isfinite(mean.item()):
             return None
-        return kept_entries_many([g], quantile, [mean], None if buffers is None else [buffers[i]])[0]
-
-    kept = map_over_tensors(one, [g.numel() for g in grads])
-    return None if any(k is None for k in kept) else kept
+        kept.extend(kept_entries_many([g], quantile, [mean], None if buffers is None else [buffers[i]]))
+    return kept
 
 
 def _sam_scale_if(

@@ -488,34 +488,3 @@ def test_bracketed_selection_equals_a_full_selection(name, q):
     if name not in ("large mean, tiny spread", "subnormal"):  # where float64 rounds as the dtype does
         expected = np.flatnonzero(reference_mask(flat, q))
         np.testing.assert_array_equal(indices.numpy(), expected)
-
-
-def test_the_selection_on_several_threads_equals_one_thread_and_the_reference():
-    """The large tensors of a step are selected on a pool of threads; the answer is the same."""
-    import threading
-
-    from reference import reference_mask
-
-    from zsam_hf.selection import kept_entries_many
-    from zsam_hf.selection.cpu import map_over_tensors
-
-    gen = torch.Generator().manual_seed(11)
-    tied = torch.zeros(90_000)
-    tied[::9] = torch.randn(10_000, generator=gen)  # 8 of 9 taps exactly zero, as on 1x1 feature maps
-    grads = [torch.randn(300, 1000, generator=gen), tied.view(100, 900), torch.randn(70_001, generator=gen),
-             torch.randn(40, 40, generator=gen), torch.randn(3, 3, generator=gen), torch.randn(200_000, generator=gen)]  # fmt: skip
-    sizes = [g.numel() for g in grads]
-    threads = set()
-
-    def select(i):
-        threads.add(threading.current_thread().name)
-        return kept_entries_many([grads[i]], 0.95)[0]
-
-    alone = map_over_tensors(select, sizes, workers=1)
-    assert threads == {threading.current_thread().name}
-    pooled = map_over_tensors(select, sizes, workers=3)
-    assert any(name.startswith("zsam-select") for name in threads)
-    for g, (i1, v1), (i3, v3) in zip(grads, alone, pooled):
-        assert torch.equal(i1, i3) and torch.equal(v1, v3)
-        expected = np.flatnonzero(reference_mask(g, 0.95).ravel())
-        assert np.array_equal(np.sort(i3.numpy()), expected)

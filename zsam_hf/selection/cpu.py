@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -283,43 +281,4 @@ def kept_on_cpu(
             kept = _kept_bracketed(flat, mean, q, _workspace(), out)
         indices, values = kept
         results.append((indices, values.to(g.dtype)))
-    return results
-
-
-# ---- the tensors of a step, selected on every core ------------------------------------------------
-_pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
-
-
-def _executor(workers: int) -> ThreadPoolExecutor:
-    """One pool for the process, resized when torch's thread count changes."""
-    global _pool, _pool_workers
-    if _pool is None or _pool_workers != workers:
-        if _pool is not None:
-            _pool.shutdown(wait=True)
-        _pool, _pool_workers = ThreadPoolExecutor(workers, thread_name_prefix="zsam-select"), workers
-    return _pool
-
-
-def map_over_tensors(fn: Callable[[int], object], sizes: Sequence[int], workers: int | None = None) -> list:
-    """``[fn(i) for i in range(len(sizes))]``, with the large tensors spread over ``workers`` threads
-    (default: torch's intra-op thread count, the cores the user gave the process).
-
-    NumPy's selections and comparisons and torch's reductions release the GIL, so threads use the
-    cores that the convolutions use, instead of selecting one tensor after another on one core.
-    The largest tensors go first (the longest jobs started first finish the step soonest); the small
-    ones (a few KB each) run together in one job. Each thread keeps its own workspace.
-    """
-    workers = torch.get_num_threads() if workers is None else workers
-    large = sorted((i for i, n in enumerate(sizes) if n > SMALL_TENSOR), key=lambda i: -sizes[i])
-    if workers <= 1 or len(large) < 2:
-        return [fn(i) for i in range(len(sizes))]
-    small = [i for i, n in enumerate(sizes) if n <= SMALL_TENSOR]
-    pool = _executor(workers)
-    futures = {i: pool.submit(fn, i) for i in large}
-    results: list = [None] * len(sizes)
-    for i in small:  # meanwhile, on this thread
-        results[i] = fn(i)
-    for i, future in futures.items():
-        results[i] = future.result()
     return results
