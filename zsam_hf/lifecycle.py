@@ -32,11 +32,13 @@ class CheckpointLifecycleMixin:
         ``resume_from_checkpoint=True`` skips (and names) checkpoints whose save was interrupted;
         a named checkpoint that is missing, not a checkpoint or incomplete is refused before
         training starts, in the Trainer's own words plus what is wrong. Staging directories left
-        by a killed save are removed. The process that saves holds the run directory's lock
+        by a killed save are removed. The world's first process holds the run directory's lock
         (``run_lock.py``) while it trains: a second live job writing there is refused.
         """
         resume = self._resolve_resume(resume_from_checkpoint)
-        lock = run_lock.acquire(self._run_directory(trial)) if self.args.should_save else None
+        # The world's first process holds it (with save_on_each_node every node's first process saves, and
+        # on a shared file system they would refuse each other).
+        lock = run_lock.acquire(self._run_directory(trial)) if self.is_world_process_zero() else None
         try:
             return super().train(resume, trial, *args, **kwargs)
         finally:
