@@ -488,3 +488,21 @@ def test_bracketed_selection_equals_a_full_selection(name, q):
     if name not in ("large mean, tiny spread", "subnormal"):  # where float64 rounds as the dtype does
         expected = np.flatnonzero(reference_mask(flat, q))
         np.testing.assert_array_equal(indices.numpy(), expected)
+
+
+@pytest.mark.parametrize("case", ["zeros", "constant", "one outlier", "two values"])
+def test_large_constant_or_nearly_constant_gradients_keep_what_the_reference_keeps(case):
+    """Above SMALL_TENSOR entries the CPU path samples a bracket; a tied bracket over a constant tensor
+    returns at once (nothing is above the quantile), anything else still selects exactly."""
+    from reference import reference_mask
+
+    from zsam_hf.selection import kept_indices
+
+    grad = torch.zeros(300, 400) if case == "zeros" else torch.full((300, 400), 0.25)
+    if case == "one outlier":
+        grad[7, 11] = 3.0
+    if case == "two values":
+        grad.view(-1)[::2] = -0.25
+    kept = kept_indices(grad, 0.95)
+    expected = np.flatnonzero(reference_mask(grad, 0.95).ravel())
+    assert np.array_equal(np.sort(kept.numpy()), expected)

@@ -234,6 +234,12 @@ def _kept_bracketed(
     (lo, hi), frac = quantile_ranks(n, q)
     low, high, tied = _bracket(_sample(flat, mean), q)
     gradient, center = flat.numpy(), mean.numpy()
+    if low == high and _constant(
+        gradient
+    ):  # e.g. a zero gradient (a block behind a zero-initialized norm scale)
+        return torch.empty(0, dtype=torch.long), flat[
+            :0
+        ]  # every |g - mean| is equal: none above the quantile
     indices, values = _candidates(gradient, float(center), float(low), work)
     d, mask = work.deviations(gradient.dtype, values.size)
     np.abs(np.subtract(values, center, out=d), out=d)  # |g - mean| exactly as a full pass computes it
@@ -248,6 +254,12 @@ def _kept_bracketed(
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
     threshold = _quantile_of_deviations(d, lo - (n - d.size), frac, tied)
     return _candidates_above(indices, values, d, threshold, mask, out)
+
+
+def _constant(gradient: np.ndarray) -> bool:
+    """Whether every entry is the same value: one pass, where collecting the candidates would gather all of
+    them (the sample's bracket is tied, and every entry is then a candidate)."""
+    return bool(gradient.min() == gradient.max())
 
 
 def _candidates_above(
