@@ -7,10 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from checks import random_control_masks
 from reference import loss_by_hand, reference_offsets
 from toy import TinyClassifier
-
-from zsam_hf.perturbation import random_kept
 
 HELPERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "helpers")
 
@@ -63,25 +62,12 @@ def ddp_gradient_by_hand(
         ascent = [mean] * len(batches)
     total = [torch.zeros_like(w0[n]) for n in names]
     for batch, g in zip(batches, ascent):
-        masks = _random_masks(g, step) if variant == "random" else None
+        masks = random_control_masks(g, step) if variant == "random" else None
         e = reference_offsets(variant, names, [w0[n] for n in names], g, 0.05, normalization=normalization,
                               masks=masks)  # fmt: skip
         w = {n: (w0[n].double() + torch.from_numpy(ei)).float() for n, ei in zip(names, e)}
         total = [t + d / len(batches) for t, d in zip(total, _grads(model, w, batch))]
     return dict(zip(names, total))
-
-
-def _random_masks(grads: list[torch.Tensor], step: int) -> list:
-    weights = iter(random_kept([g for g in grads if g.ndim > 1], 0.95, seed=0, step=step))
-    masks = []
-    for g in grads:
-        if g.ndim <= 1:
-            masks.append(None)
-            continue
-        mask = torch.zeros(g.numel(), dtype=torch.bool)
-        mask[next(weights)[0]] = True
-        masks.append(mask.view(g.shape).numpy())
-    return masks
 
 
 @pytest.mark.parametrize("sync", [0, 1])

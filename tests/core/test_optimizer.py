@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from reference import as_f64, reference_mask, reference_offsets
+from checks import random_control_masks
+from reference import as_f64, reference_offsets
 from sam_references import DavdaSAM, ReleasedZSAM
 from toy import TinyClassifier, micro_batches_of_step, train_recorded, vector_dataset
 
 from zsam_hf import ZSAM
-from zsam_hf.perturbation import random_kept
 
 
 class SmallCNN(nn.Module):
@@ -139,7 +139,7 @@ def test_each_step_hands_the_base_optimizer_the_reference_gradient(variant, norm
 
         leaves = {n: t.clone().requires_grad_() for n, t in w0.items()}
         g = torch.autograd.grad(loss_at(leaves), list(leaves.values()))
-        masks = _random_masks(list(g), step) if variant == "random" else None
+        masks = random_control_masks(list(g), step) if variant == "random" else None
         e = reference_offsets(variant, names, [w0[n] for n in names], list(g), optimizer.perturbation.rho,
                               normalization=normalization, ema=ema, masks=masks)  # fmt: skip
         shifted = {n: (w0[n] + torch.from_numpy(o)).requires_grad_() for n, o in zip(names, e)}
@@ -151,24 +151,6 @@ def test_each_step_hands_the_base_optimizer_the_reference_gradient(variant, norm
         for n, p in model.named_parameters():
             expected = as_f64(w0[n]) - as_f64(g_prime[names.index(n)])
             assert abs(as_f64(p) - expected).max() < 1e-10, (step, n)
-
-
-def _random_masks(grads: list[torch.Tensor], step: int, seed: int = 0, quantile: float = 0.95) -> list:
-    """The random control's masks of one step, drawn as docs/algorithm.md says (a generator seeded by
-    (seed, step)); each holds exactly as many entries as the z-score filter keeps of that tensor."""
-    weights = [g for g in grads if g.ndim > 1]
-    drawn = iter(random_kept(weights, quantile, seed, step))
-    masks = []
-    for g in grads:
-        if g.ndim <= 1:
-            masks.append(None)
-            continue
-        indices, _ = next(drawn)
-        mask = torch.zeros(g.numel(), dtype=torch.bool)
-        mask[indices] = True
-        assert mask.sum() == reference_mask(g, quantile).sum()  # the z-score filter's count (no ties)
-        masks.append(mask.view(g.shape).numpy())
-    return masks
 
 
 def test_the_optimizer_and_the_trainer_give_the_same_weights_on_the_same_batches(tmp_path):

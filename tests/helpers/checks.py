@@ -1,4 +1,4 @@
-"""Assertions shared by the checkpoint tests."""
+"""Assertions and helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -28,3 +28,25 @@ def assert_reloads_whole(source, target, directory, shard: str | None) -> None:
     )
     load_checkpoint_weights(target, str(directory))
     assert_identical(weights(source), weights(target))
+
+
+def random_control_masks(grads: list[torch.Tensor], step: int, seed: int = 0, quantile: float = 0.95) -> list:
+    """The random control's masks of one step (one per tensor, None where ndim <= 1), as the engine draws
+    them from (seed, step); each holds exactly as many entries as the z-score filter keeps of a tie-free
+    tensor, which is asserted against the independent reference."""
+    from reference import reference_mask
+
+    from zsam_hf.perturbation import random_kept
+
+    drawn = iter(random_kept([g for g in grads if g.ndim > 1], quantile, seed, step))
+    masks = []
+    for g in grads:
+        if g.ndim <= 1:
+            masks.append(None)
+            continue
+        mask = torch.zeros(g.numel(), dtype=torch.bool)
+        mask[next(drawn)[0]] = True
+        if g.numel() > 2:  # two entries always tie: the filter keeps none, the control one
+            assert mask.sum() == reference_mask(g, quantile).sum()
+        masks.append(mask.view(g.shape).numpy())
+    return masks

@@ -249,10 +249,9 @@ def _search_with_optuna(trainer, spaces: dict, n_trials: int, output_dir: Path, 
             dict(zip(spaces, values)) for values in itertools.product(*(s[1] for s in spaces.values()))
         ]
         n_trials = min(n_trials, len(combinations))
-        remaining = n_trials - len(done)
         finished = [t.params for t in done]
         waiting = [t.params for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
-        for params in [c for c in combinations if c not in finished][: max(remaining, 0)]:
+        for params in [c for c in combinations if c not in finished][: max(n_trials - len(done), 0)]:
             if params not in waiting:
                 study.enqueue_trial(params)
     remaining = n_trials - len(done)
