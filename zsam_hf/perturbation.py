@@ -19,7 +19,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from .selection import (
     Kept,
@@ -312,7 +314,7 @@ class AppliedPerturbation:
         parameter back at its own data, which was never written."""
         for p, saved in zip(self.params, self.saved):
             if isinstance(saved, SparseOffset):
-                p.view(-1).index_put_((saved.indices,), saved.values)
+                scatter_entries(p, saved.indices, saved.values)
             else:
                 p.copy_(saved)
         for p, own in self.moved:
@@ -326,6 +328,46 @@ class AppliedPerturbation:
             tensors = (saved.indices, saved.values) if isinstance(saved, SparseOffset) else (saved,)
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
+
+
+# NumPy reads and writes scattered entries of a CPU tensor 2-3x faster than torch.take and
+# index_put_ (one thread, a ResNet-18's 5% of 11M entries: 6 ms of a step instead of 12).
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _through_numpy(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether NumPy can read or write ``p``'s entries at ``indices`` in place: plain contiguous
+    CPU tensors of a dtype NumPy has (not bf16), int64 indices, companions of ``p``'s dtype."""
+    return (
+        p.device.type == "cpu"
+        and p.dtype in _NUMPY_DTYPES
+        and type(p.data) is torch.Tensor
+        and p.is_contiguous()
+        and indices.device.type == "cpu"
+        and indices.dtype == torch.long
+        and all(t.dtype == p.dtype and t.device.type == "cpu" and t.is_contiguous() for t in others)
+    )
+
+
+def gather_entries(p: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``p.flatten()[indices]`` (into ``out`` when given); ``indices`` are valid flat indices."""
+    if out is None:
+        out = torch.empty(indices.numel(), dtype=p.dtype, device=p.device)
+    if _through_numpy(p, indices, out):
+        # "clip": no bounds-checking copy; the indices come from the selection and are in range
+        np.take(p.detach().view(-1).numpy(), indices.numpy(), out=out.numpy(), mode="clip")
+        return out
+    return torch.take(p.detach(), indices, out=out)
+
+
+def scatter_entries(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """``p.flatten()[indices] = values`` in place (distinct indices), bumping ``p``'s autograd
+    version as torch's own in-place ops do."""
+    if _through_numpy(p, indices, values):
+        p.detach().view(-1).numpy()[indices.numpy()] = values.numpy()
+        increment_version(p)
+    else:  # index_put_ honours torch.use_deterministic_algorithms, unlike put_
+        p.view(-1).index_put_((indices,), values)
 
 
 def _can_move(p: torch.Tensor) -> bool:
@@ -391,15 +433,13 @@ def apply_offsets(
     moving_params, moving_offsets, moving_buffers = [], [], []
     for i, (p, offset) in enumerate(zip(params, offsets)):
         if isinstance(offset, SparseOffset) and p.is_contiguous():
-            # take/index_put_: faster than gather/index_copy_ on a CPU (put_ would refuse
-            # torch.use_deterministic_algorithms, which index_put_ honours)
             backup = backups[i] if backups is not None else None
-            original = torch.take(p, offset.indices, **({} if backup is None else {"out": backup}))
+            original = gather_entries(p, offset.indices, backup)
             if offset.values.dtype == p.dtype:
                 moved = offset.values.add_(original)  # in place: no temporary of the kept size
             else:
                 moved = original + offset.values.to(p.dtype)
-            p.view(-1).index_put_((offset.indices,), moved)
+            scatter_entries(p, offset.indices, moved)
             applied.params.append(p)
             applied.saved.append(SparseOffset(offset.indices, original))
             continue
