@@ -406,3 +406,27 @@ def test_rotation_keeps_the_best_and_never_counts_an_incomplete_checkpoint(tmp_p
         assert STAGING_PREFIX not in (state["best_model_checkpoint"] or "")
         assert checkpoint_problems(str(tmp_path / "out" / name)) == []
     assert trainer.evaluate()["eval_loss"] == pytest.approx(min(evals), rel=1e-6, abs=1e-7)
+
+
+def test_markers_of_ranks_sharing_one_pipe_each_arrive_on_a_line_of_their_own():
+    """The instant that once failed this file: two ranks printing their PID lines at the same moment
+    into the test's one pipe (``print`` writes text and newline apart). Two processes here share a pipe
+    and announce 300 markers each between half-written lines of other output; every marker arrives whole."""
+    script = (
+        "import sys\n"
+        "from markers import announce\n"
+        "for i in range(300):\n"
+        "    print('warning fragment ', end='', flush=True)\n"
+        "    announce(f'PID {sys.argv[1]} {i}')\n"
+    )
+    read_end, write_end = os.pipe()
+    procs = [
+        subprocess.Popen([sys.executable, "-u", "-c", script, str(rank)], env=_env(), stdout=write_end)
+        for rank in (0, 1)
+    ]
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        lines = pipe.read().splitlines()
+    assert all(proc.wait(timeout=60) == 0 for proc in procs)
+    markers = [line.split() for line in lines if line.startswith("PID")]
+    assert sorted((int(r), int(i)) for _, r, i in markers) == [(r, i) for r in (0, 1) for i in range(300)]

@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from markers import announce
 from toy import vector_dataset
 from transformers import TrainerCallback
 
@@ -52,12 +53,12 @@ class DropoutMLP(nn.Module):
 class Announce(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if args.process_index == 0:
-            print("TRAIN_BEGIN", flush=True)
+            announce("TRAIN_BEGIN")
 
 
 def main(out: str, variant: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    print(f"PID {rank} {os.getpid()}", flush=True)
+    announce(f"PID {rank} {os.getpid()}")
     args = ZSAMTrainingArguments(
         output_dir=out,
         sam_variant=variant,
@@ -78,15 +79,15 @@ def main(out: str, variant: str) -> None:
     trainer.add_callback(Announce())
     checkpoint = last_complete_checkpoint(out)
     if rank == 0:
-        print(f"RESUME {checkpoint or 'none'}", flush=True)
+        announce(f"RESUME {checkpoint or 'none'}")
     trainer.train(resume_from_checkpoint=checkpoint)
     if rank == 0:
-        print("TRAINED", flush=True)
+        announce("TRAINED")
     if os.environ.get("HOLD_BEFORE_FINAL_SAVE") == "1":
         time.sleep(600)  # the test kills it here: after the last checkpoint, before the final save
     trainer.save_model(os.path.join(out, "final"))
     if rank == 0:
-        print("DONE", flush=True)
+        announce("DONE")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
