@@ -42,7 +42,13 @@ def test_the_controls_study_selects_each_radius_on_validation_and_compares_at_it
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     search = [r for r in records if r["group"] == "search-noise0.4"]
     final = [r for r in records if r["group"] == "final-noise0.4"]
-    assert len(search) == 1 + 2 * 2 and len(final) == 2 * (3 + 1)
+    best = {}
+    for r in search:
+        if r["variant"] not in best or r["validation_accuracy"] > best[r["variant"]]["validation_accuracy"]:
+            best[r["variant"]] = r
+    # the random control's own selection at ZSAM's rho already is the matched control: no extra runs
+    duplicate = best["random-tensor"]["sam_rho"] == best["zsam-tensor"]["sam_rho"]
+    assert len(search) == 1 + 2 * 2 and len(final) == 2 * (3 + (0 if duplicate else 1))
 
     from zsam_hf.vision.models import Preprocessing, build_model
 
@@ -58,10 +64,6 @@ def test_the_controls_study_selects_each_radius_on_validation_and_compares_at_it
         # measured ||e||: rho for SAM; about rho sqrt(T) for the per-tensor split (norm layers add a little)
         assert 0.9 * radius <= r["mean_perturbation_norm"] <= 1.05 * radius, r["name"]
         assert 0 <= r["validation_accuracy"] <= 1 and r["validation_samples"] == 64
-    best = {}
-    for r in search:
-        if r["variant"] not in best or r["validation_accuracy"] > best[r["variant"]]["validation_accuracy"]:
-            best[r["variant"]] = r
     for r in final:
         if r["variant"] in ("zsam-tensor", "random-tensor"):
             assert r["sam_rho"] == best[r["variant"]]["sam_rho"]  # each method at its own selection
@@ -75,7 +77,36 @@ def test_the_controls_study_selects_each_radius_on_validation_and_compares_at_it
     report = (out / "results.md").read_text()
     assert (
         "Radius search" in report
-        and "zsam-tensor − random-matched" in report
+        and f"zsam-tensor − {'random-tensor' if duplicate else 'random-matched'}" in report
         and "| sam-tensor − sam |" not in report
     )
     assert (out / "accuracy_vs_radius_noise0.4.png").stat().st_size > 5000
+
+
+def _chosen(**rhos):
+    norm = {"zsam-global": "global", "zsam-tensor": "tensor", "random-global": "global", "random-tensor": "tensor"}
+    return {
+        m: {"variant": m, "sam_rho": rho, "validation_accuracy": acc, "zsam_normalization": norm.get(m, "global")}
+        for m, (rho, acc) in rhos.items()
+    }
+
+
+def test_the_matched_random_control_runs_only_where_no_selection_already_ran_it():
+    """ZSAM's best is per-tensor at rho 0.11: when the per-tensor random control selected 0.11 too, its runs
+    are the matched control (no duplicate runs); when it selected another rho, random-matched runs at 0.11."""
+    from zsam_hf.benchmark import controls
+    from zsam_hf.benchmark.grid import Budget
+
+    budget = Budget(label_noise=0.4)
+    same = _chosen(**{"zsam-global": (0.5, 0.50), "zsam-tensor": (0.11, 0.52), "random-tensor": (0.11, 0.51)})
+    other = _chosen(**{"zsam-global": (0.5, 0.50), "zsam-tensor": (0.11, 0.52), "random-tensor": (0.045, 0.51)})
+    assert controls.matched_control(same) == "random-tensor"
+    assert controls.matched_control(other) == controls.MATCHED
+    assert [s.variant for s in controls.final_specs("m", budget, same, [0])] == list(same)
+    extra = controls.final_specs("m", budget, other, [0, 1])
+    matched = [s for s in extra if s.variant == controls.MATCHED]
+    assert [s.seed for s in matched] == [0, 1]
+    assert all(s.overrides == {"sam_rho": 0.11, "zsam_normalization": "tensor"} for s in matched)
+    assert controls.paired_questions(same)[0] == ("zsam-tensor", "random-tensor")
+    assert controls.paired_questions(same).count(("zsam-tensor", "random-tensor")) == 1
+    assert controls.paired_questions(other)[0] == ("zsam-tensor", controls.MATCHED)

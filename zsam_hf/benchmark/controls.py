@@ -85,16 +85,28 @@ def best_zsam(chosen: dict[str, dict]) -> dict | None:
     return max(zsam, key=lambda r: r["validation_accuracy"]) if zsam else None
 
 
+def matched_control(chosen: dict[str, dict]) -> str | None:
+    """The runs that serve as the random control at ZSAM's selection: the random control of ZSAM's
+    normalization when its own search selected the same rho (the same runs: masks come from seed and
+    step), else the extra ``random-matched`` runs; None without a ZSAM method."""
+    zsam = best_zsam(chosen)
+    if zsam is None:
+        return None
+    own = f"random-{zsam['zsam_normalization']}"
+    return own if own in chosen and chosen[own].get("sam_rho") == zsam["sam_rho"] else MATCHED
+
+
 def final_specs(model: str, budget: Budget, chosen: dict[str, dict], seeds) -> list[RunSpec]:
-    """Each method at its selected rho for every seed, and the random control at ZSAM's selection."""
+    """Each method at its selected rho for every seed, and the random control at ZSAM's selection
+    where no method's selection already runs it (``matched_control``)."""
     group = final_group(budget.label_noise)
+    zsam = best_zsam(chosen)
     specs = []
     for seed in seeds:
         for method, record in chosen.items():
             overrides = {} if method == "none" else {"sam_rho": record["sam_rho"]}
             specs.append(RunSpec(model, method, seed, budget, overrides, group=group))
-        zsam = best_zsam(chosen)
-        if zsam is not None:
+        if matched_control(chosen) == MATCHED:
             overrides = {"sam_rho": zsam["sam_rho"], "zsam_normalization": zsam["zsam_normalization"]}
             specs.append(RunSpec(model, MATCHED, seed, budget, overrides, group=group))
     return specs
@@ -104,9 +116,11 @@ def paired_questions(chosen: dict[str, dict]) -> list[tuple[str, str]]:
     """The comparisons that answer the study's questions (the main table adds each vs none and vs sam)."""
     pairs = []
     zsam = best_zsam(chosen)
-    if zsam is not None:
-        pairs.append((zsam["variant"], MATCHED))  # the filter against random entries, same radius and split
-    pairs += [("sam-tensor", "sam"), ("zsam-global", "random-global"), ("zsam-tensor", "random-tensor")]
+    if zsam is not None:  # the filter against random entries, same radius and split
+        pairs.append((zsam["variant"], matched_control(chosen)))
+    for pair in [("sam-tensor", "sam"), ("zsam-global", "random-global"), ("zsam-tensor", "random-tensor")]:
+        if pair not in pairs:
+            pairs.append(pair)
     return pairs
 
 
