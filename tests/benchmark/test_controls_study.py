@@ -84,9 +84,19 @@ def test_the_controls_study_selects_each_radius_on_validation_and_compares_at_it
 
 
 def _chosen(**rhos):
-    norm = {"zsam-global": "global", "zsam-tensor": "tensor", "random-global": "global", "random-tensor": "tensor"}
+    norm = {
+        "zsam-global": "global",
+        "zsam-tensor": "tensor",
+        "random-global": "global",
+        "random-tensor": "tensor",
+    }
     return {
-        m: {"variant": m, "sam_rho": rho, "validation_accuracy": acc, "zsam_normalization": norm.get(m, "global")}
+        m: {
+            "variant": m,
+            "sam_rho": rho,
+            "validation_accuracy": acc,
+            "zsam_normalization": norm.get(m, "global"),
+        }
         for m, (rho, acc) in rhos.items()
     }
 
@@ -99,7 +109,9 @@ def test_the_matched_random_control_runs_only_where_no_selection_already_ran_it(
 
     budget = Budget(label_noise=0.4)
     same = _chosen(**{"zsam-global": (0.5, 0.50), "zsam-tensor": (0.11, 0.52), "random-tensor": (0.11, 0.51)})
-    other = _chosen(**{"zsam-global": (0.5, 0.50), "zsam-tensor": (0.11, 0.52), "random-tensor": (0.045, 0.51)})
+    other = _chosen(
+        **{"zsam-global": (0.5, 0.50), "zsam-tensor": (0.11, 0.52), "random-tensor": (0.045, 0.51)}
+    )
     assert controls.matched_control(same) == "random-tensor"
     assert controls.matched_control(other) == controls.MATCHED
     assert [s.variant for s in controls.final_specs("m", budget, same, [0])] == list(same)
