@@ -27,6 +27,7 @@ from .selection import (
     Kept,
     KeptBuffers,
     gradient_mean,
+    kept_and_flags,
     kept_entries_many,
     kept_entries_sharded,
     quantile_ranks,
@@ -86,9 +87,14 @@ def _all_finite(tensors: list[torch.Tensor], shards: Shards | None = None) -> bo
     """Whether every entry of every (full) tensor is finite (one host synchronization)."""
     if shards is not None:
         return shards.all_finite(tensors)
+    return bool(_finite_flag(tensors))
+
+
+def _finite_flag(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as a 0-d device tensor (no host synchronization)."""
     if not tensors:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm([t.reshape(-1) for t in tensors]))).all())
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(torch.stack(torch._foreach_norm([t.reshape(-1) for t in tensors]))).all()
 
 
 def sam_offsets(
@@ -545,15 +551,16 @@ class SharpnessPerturbation:
                 means, kept = None, _kept_while_finite(weight_grads, self.quantile, buffers)
                 if kept is None:
                     return None
+            elif shards is None:  # an accelerator (or fixed_shape): finiteness read with the kept counts
+                means = [gradient_mean(g) for g in weight_grads]
+                finite = _finite_flag([*means, *(g for g in grads if g.ndim <= 1)])
+                kept, (is_finite,) = kept_and_flags(weight_grads, self.quantile, means, [finite])
+                if not is_finite:
+                    return None
             else:
-                if shards is None:
-                    means = [gradient_mean(g) for g in weight_grads]
-                else:
-                    means = shards.means(weight_grads, [n for g, n in zip(grads, numels) if g.ndim > 1])
+                means = shards.means(weight_grads, [n for g, n in zip(grads, numels) if g.ndim > 1])
                 if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)], shards):
                     return None
-            if kept is None and shards is None and self.fixed_shape:
-                kept = kept_entries_many(weight_grads, self.quantile, means, fixed_shape=True)
             offsets, kept_fraction = zsam_offsets(
                 grads, self.rho, self.quantile, self.normalization, means, shards, numels, kept
             )

@@ -125,3 +125,49 @@ def test_no_data_dependent_shape_and_no_host_synchronization():
     forbidden = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2", "item", "index"}
     assert "topk" in ops.seen
     assert not ops.seen & forbidden, ops.seen & forbidden
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts what would synchronize an accelerator with the host: ``aten._local_scalar_dense`` (``.item()``,
+    ``bool()``), ``Tensor.tolist`` (read in C++, outside the dispatcher: counted by patching it) and the
+    data-dependent shapes of ``nonzero``."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads, self.nonzero = 0, 0
+        tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            self.reads += 1
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.reads += name == "_local_scalar_dense"
+        self.nonzero += name in ("nonzero", "masked_select")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_the_accelerator_path_reads_the_host_once_per_step_as_sam_does(monkeypatch, finite):
+    """Global ZSAM through the engine's fixed-shape path (what an accelerator runs): the finiteness of the
+    ascent gradient and every tensor's kept count in one transfer, no ``nonzero``; SAM's own step reads
+    once too (its finiteness check). A non-finite gradient is refused from that same read."""
+    gen = torch.Generator().manual_seed(12)
+    shapes = [(120, 80), (16, 3, 3, 3), (80,), (3, 1)]
+    names = [f"p{i}" for i in range(len(shapes))]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    if not finite:
+        grads[2][5] = float("inf")
+    counts = {}
+    for variant in ("zsam", "sam"):
+        engine = SharpnessPerturbation(variant=variant, fixed_shape=True)
+        with _HostReads(monkeypatch) as host:
+            applied, stats = engine.perturb(names, params, [g.clone() for g in grads])
+            applied.restore()
+        counts[variant] = (host.reads, host.nonzero)
+        assert (stats is not None) == finite
+    assert counts["zsam"] == counts["sam"] == (1, 0)

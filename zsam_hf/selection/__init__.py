@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .accelerator import kept_with_one_sync
+from .accelerator import kept_and_flags, kept_with_one_sync
 from .cpu import kept_on_cpu
 from .fixed_shape import FixedKept, candidate_count, kept_fixed_shape, kept_fixed_shape_many
 from .order_statistics import (
@@ -40,6 +40,7 @@ __all__ = [
     "FixedKept",
     "Kept",
     "candidate_count",
+    "kept_and_flags",
     "kept_fixed_shape",
     "kept_fixed_shape_many",
     "KeptBuffers",

@@ -17,6 +17,17 @@ from .order_statistics import Kept
 
 def kept_with_one_sync(grads: list[torch.Tensor], q: float, means: list[torch.Tensor]) -> list[Kept]:
     """Kept entries of every tensor, exactly those of the CPU path (in another order)."""
+    return kept_and_flags(grads, q, means, [])[0]
+
+
+def kept_and_flags(
+    grads: list[torch.Tensor], q: float, means: list[torch.Tensor], flags: list[torch.Tensor]
+) -> tuple[list[Kept], list[bool]]:
+    """``kept_with_one_sync``, with ``flags`` (0-d device booleans, such as "the gradient is finite")
+    read in the same transfer: a step's one host synchronization, as SAM's finiteness check is its."""
     found = kept_fixed_shape_many(grads, q, means)
-    counts = torch.stack([k.count() for k in found]).tolist() if found else []  # the one synchronization
-    return [(k.indices[:count], k.values[:count]) for k, count in zip(found, counts)]
+    read = [*(f.to(torch.long).reshape(()) for f in flags), *(k.count() for k in found)]
+    values = torch.stack(read).tolist() if read else []  # the one synchronization
+    counts = values[len(flags) :]
+    kept = [(k.indices[:count], k.values[:count]) for k, count in zip(found, counts)]
+    return kept, [bool(v) for v in values[: len(flags)]]
