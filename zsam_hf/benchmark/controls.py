@@ -23,6 +23,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from .grid import VARIANTS, Budget, RunSpec  # noqa: E402
 from .separation import pair_tables, separation_tables  # noqa: E402
@@ -170,7 +171,13 @@ def _radius_of(record: dict, weight_tensors: int) -> float | None:
 
 
 def plot_accuracy_vs_radius(
-    records: list[dict], chosen: dict[str, dict], path: str, methods, weight_tensors: int, title: str
+    records: list[dict],
+    chosen: dict[str, dict],
+    path: str,
+    methods,
+    weight_tensors: int,
+    title: str,
+    radii=RADII,
 ) -> None:
     """Validation and clean test accuracy against the measured ||e|| per method, log axis, the selected
     point of each method circled; the base optimizer as a horizontal line."""
@@ -192,6 +199,9 @@ def plot_accuracy_vs_radius(
                 ax.plot([effective_radius(selected)], [100 * selected[key]], "o", markersize=12, fillstyle="none",
                         color=line.get_color())  # fmt: skip
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.FixedLocator(list(radii)))  # the searched radii, labelled plainly
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set(xlabel="measured ‖e‖ (log scale)", ylabel=label, title=title)
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7)
@@ -215,7 +225,7 @@ def write_controls_report(
         chosen = _chosen_from(search) if complete else {}  # no selection from a partial search
         plot = f"accuracy_vs_radius_noise{noise:g}.png"
         plot_accuracy_vs_radius(search, chosen, os.path.join(out_dir, plot), methods, weight_tensors,
-                                f"{100 * noise:.0f}% label noise")  # fmt: skip
+                                f"{100 * noise:.0f}% label noise", radii)  # fmt: skip
         parts += [f"## {100 * noise:.0f}% label noise", "",
                   f"Radius search ({len(search)} of {expected} runs, seed {search[0]['seed']}): validation accuracy % "
                   "(noisy labels, as trained) and clean test accuracy % in brackets; "
