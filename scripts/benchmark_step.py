@@ -21,6 +21,11 @@ rows taking turns call by call on the same model and batch: the base optimizer a
 for comparison only) and pytorch_optimizer's ``SAM`` (from PyPI):
 
     python scripts/benchmark_step.py --mode optimizer --workloads resnet18@32x64 vit_base_patch16_224@224x4
+
+``--phases`` splits SAM's and ZSAM's steps into the ascent's forward and backward, the perturbation, the
+descent pass with the optimizer step, and the restore (medians, ms), to show where ZSAM's extra time goes:
+
+    python scripts/benchmark_step.py --phases --workloads vit_base_patch16_224@224x4 --steps 5 --rounds 1 --warmup 1
 """
 
 from __future__ import annotations
@@ -278,22 +283,87 @@ def parse_workload(text: str) -> tuple[str, int, int]:
     return arch, int(size), int(batch)
 
 
+def make_trainers(model, output_dir: str, args, extra=()) -> dict[str, ZSAMTrainer]:
+    """One ZSAMTrainer per row over the same model: none, sam, zsam, then ``extra`` (label, variant, k)."""
+    trainers = {}
+    for label, variant, k in (("none", "none", 1), ("sam", "sam", 1), ("zsam", "zsam", 1), *extra):
+        targs = ZSAMTrainingArguments(
+            output_dir=output_dir, sam_variant=variant, sam_interval=k, optim="sgd", learning_rate=1e-3,
+            report_to=[], use_cpu=args.device == "cpu", disable_tqdm=True, bf16=args.bf16,
+        )  # fmt: skip
+        trainer = ZSAMTrainer(model=model, args=targs)
+        trainer.create_optimizer()
+        trainer.current_gradient_accumulation_steps = 1
+        trainers[label] = trainer
+    return trainers
+
+
+PHASES = ("ascent forward", "ascent backward", "perturb", "descent pass + optimizer step", "restore")
+
+
+def measure_phases(arch: str, image_size: int, batch_size: int, args) -> dict:
+    """Where a two-pass step's time goes, for SAM and ZSAM: the ascent's forward and backward, building and
+    applying e, the host's own training step at w + e with the optimizer step, and the restore (medians).
+    The descent is the step minus the rest, so anything one variant makes the next pass pay shows there."""
+    model, batch, _ = workload(arch, image_size, batch_size, args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = make_trainers(model, tmp, args)
+        spent: dict[str, float] = {}
+        for trainer in trainers.values():
+            _time_into(trainer, "_loss_for_backward", "ascent forward", spent)
+            _time_into(trainer, "_ascent_gradients", "ascent backward", spent)
+            perturb = trainer.perturbation.perturb
+
+            def timed_perturb(*a, _perturb=perturb, **k):
+                start = time.perf_counter()
+                applied, stats = _perturb(*a, **k)
+                spent["perturb"] = time.perf_counter() - start
+                _time_into(applied, "restore", "restore", spent)
+                return applied, stats
+
+            trainer.perturbation.perturb = timed_perturb
+        times = {label: {phase: [] for phase in ("step", *PHASES)} for label in ("sam", "zsam")}
+        for i in range(args.warmup + args.steps * args.rounds):
+            for label, trainer in trainers.items():
+                spent.clear()
+                start = time.perf_counter()
+                trainer_step(trainer, model, batch)
+                step = time.perf_counter() - start
+                if i < args.warmup or label == "none":
+                    continue
+                spent["descent pass + optimizer step"] = step - sum(spent.values())
+                for phase, value in {"step": step, **spent}.items():
+                    times[label][phase].append(value)
+    return {label: {k: statistics.median(v) for k, v in row.items()} for label, row in times.items()}
+
+
+def _time_into(obj, method: str, phase: str, spent: dict) -> None:
+    """Replace ``obj.method`` (on the instance) by a wrapper that records its duration under ``phase``."""
+    original = getattr(obj, method)
+
+    def timed(*a, **k):
+        start = time.perf_counter()
+        result = original(*a, **k)
+        spent[phase] = time.perf_counter() - start
+        return result
+
+    setattr(obj, method, timed)
+
+
+def report_phases(workload_text: str, phases: dict, args) -> None:
+    print(f"\n{workload_text}, device {args.device}, threads {torch.get_num_threads()}, medians (ms)")
+    print(f"{'phase':<34}{'SAM':>10}{'ZSAM':>10}{'ZSAM - SAM':>12}")
+    for phase in ("step", *PHASES):
+        sam, zsam = phases["sam"][phase] * 1000, phases["zsam"][phase] * 1000
+        print(f"{phase:<34}{sam:>10.1f}{zsam:>10.1f}{zsam - sam:>+12.1f}")
+
+
 def measure(arch: str, image_size: int, batch_size: int, args) -> dict:
     """All rows for one workload: medians per optimizer step and the bytes kept between passes."""
     device = args.device
     model, batch, param_bytes = workload(arch, image_size, batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {}
-        for label, variant, k in (("none", "none", 1), ("sam", "sam", 1), ("zsam", "zsam", 1), *(
-                (f"zsam-k{k}", "zsam", k) for k in args.intervals)):  # fmt: skip
-            targs = ZSAMTrainingArguments(
-                output_dir=tmp, sam_variant=variant, sam_interval=k, optim="sgd", learning_rate=1e-3,
-                report_to=[], use_cpu=device == "cpu", disable_tqdm=True, bf16=args.bf16,
-            )  # fmt: skip
-            trainer = ZSAMTrainer(model=model, args=targs)
-            trainer.create_optimizer()
-            trainer.current_gradient_accumulation_steps = 1
-            trainers[label] = trainer
+        trainers = make_trainers(model, tmp, args, [("zsam-k" + str(k), "zsam", k) for k in args.intervals])
         steps = {
             "base optimizer (SGD)": (lambda: trainer_step(trainers["none"], model, batch), 1),
             "SAM": (lambda: trainer_step(trainers["sam"], model, batch), 1),
@@ -352,12 +422,19 @@ def main() -> None:
         "--mode", choices=["trainer", "optimizer"], default="trainer",
         help="time ZSAMTrainer's step (default) or the ZSAM optimizer beside other SAM optimizers",
     )  # fmt: skip
+    parser.add_argument(
+        "--phases", action="store_true",
+        help="trainer mode: time each phase of SAM's and ZSAM's two-pass step instead of whole steps",
+    )  # fmt: skip
     args = parser.parse_args()
     results = []
     for text in args.workloads:
         if args.mode == "optimizer":
             results.append(measure_optimizers(*parse_workload(text), args))
             report_optimizers(results[-1], args)
+        elif args.phases:
+            results.append({"workload": text, "phases_s": measure_phases(*parse_workload(text), args)})
+            report_phases(text, results[-1]["phases_s"], args)
         else:
             results.append(measure(*parse_workload(text), args))
             report(results[-1], args)

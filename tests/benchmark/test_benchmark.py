@@ -241,3 +241,30 @@ def test_the_step_benchmark_runs_through_the_trainer_and_prints_its_ratio(tmp_pa
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ZSAM (ours) / SAM step-time ratio" in done.stdout
     assert (tmp_path / "step.json").stat().st_size > 0
+
+
+def test_step_benchmark_phases_add_up_to_the_step(tmp_path):
+    """``--phases``: SAM's and ZSAM's steps split into ascent forward/backward, perturb, descent and restore;
+    every timed phase was reached (positive), the descent (the step's remainder) too, and only the two-pass
+    rows are reported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from script_loader import ROOT
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), "--phases", "--workloads", "resnet10t@16x2",
+         "--steps", "2", "--rounds", "1", "--warmup", "1", "--json", str(tmp_path / "phases.json")],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    phases = json.loads((tmp_path / "phases.json").read_text())["results"][0]["phases_s"]
+    assert set(phases) == {"sam", "zsam"}
+    for row in phases.values():
+        assert all(value >= 0 for name, value in row.items() if name != "descent pass + optimizer step")
+        assert row["perturb"] > 0 and row["restore"] > 0 and row["ascent backward"] > 0
+        assert row["descent pass + optimizer step"] > 0
+    assert "ZSAM - SAM" in done.stdout and "descent pass + optimizer step" in done.stdout
