@@ -78,6 +78,7 @@ def test_the_controls_study_selects_each_radius_on_validation_and_compares_at_it
     assert (
         "Radius search" in report
         and f"zsam-tensor − {'random-tensor' if duplicate else 'random-matched'}" in report
+        and ("| random-matched |" in report) == (not duplicate)
         and "| sam-tensor − sam |" not in report
     )
     assert (out / "accuracy_vs_radius_noise0.4.png").stat().st_size > 5000
