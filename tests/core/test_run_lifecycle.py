@@ -243,12 +243,11 @@ fsdp_config:
 """
 _LAUNCHED = """\
 import sys
-from markers import announce
 from toy import TinyClassifier, vector_dataset
 from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments
 args = ZSAMTrainingArguments(output_dir=sys.argv[1], max_steps=2, report_to=[], disable_tqdm=True)
 ZSAMTrainer(model=TinyClassifier(), args=args, train_dataset=vector_dataset(16)).train()
-announce(f"TRAINED world_size={args.world_size} process_index={args.process_index}")
+print(f"TRAINED world_size={args.world_size} process_index={args.process_index}", flush=True)
 """
 
 
