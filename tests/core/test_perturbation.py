@@ -542,9 +542,9 @@ def test_the_band_is_used_only_when_it_holds_both_order_statistics():
 
     d = np.random.default_rng(0).permutation(np.arange(100, dtype=np.float32))
     mask = cpu._mask_buffer(d.size)
-    near, rank = cpu._near_the_quantile(d, 10, np.float32(12.5), mask)  # 0..12 in the band
-    assert (near.size, rank) == (13, 10) and sorted(near)[10:12] == [10, 11]
-    whole, _ = cpu._near_the_quantile(d, 10, np.float32(11.0), mask)  # rank 11 (value 11) is not under 11
+    near = cpu._near_the_quantile(d, 10, np.float32(12.5), mask)  # 0..12 in the band
+    assert near.size == 13 and sorted(near)[10:12] == [10, 11]
+    whole = cpu._near_the_quantile(d, 10, np.float32(11.0), mask)  # rank 11 (value 11) is not under 11
     assert whole is d
 
 

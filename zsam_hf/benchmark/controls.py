@@ -102,12 +102,13 @@ def final_specs(model: str, budget: Budget, chosen: dict[str, dict], seeds) -> l
     where no method's selection already runs it (``matched_control``)."""
     group = final_group(budget.label_noise)
     zsam = best_zsam(chosen)
+    extra_matched = matched_control(chosen) == MATCHED
     specs = []
     for seed in seeds:
         for method, record in chosen.items():
             overrides = {} if method == "none" else {"sam_rho": record["sam_rho"]}
             specs.append(RunSpec(model, method, seed, budget, overrides, group=group))
-        if matched_control(chosen) == MATCHED:
+        if extra_matched:
             overrides = {"sam_rho": zsam["sam_rho"], "zsam_normalization": zsam["zsam_normalization"]}
             specs.append(RunSpec(model, MATCHED, seed, budget, overrides, group=group))
     return specs

@@ -208,12 +208,10 @@ def _kept_bracketed(
     (lo, hi), frac = quantile_ranks(n, q)
     low, high, tied = _bracket(_sample(flat, mean), q)
     gradient, center = flat.numpy(), mean.numpy()
-    if low == high and _constant(
-        gradient
-    ):  # e.g. a zero gradient (a block behind a zero-initialized norm scale)
-        return torch.empty(0, dtype=torch.long), flat[
-            :0
-        ]  # every |g - mean| is equal: none above the quantile
+    # A constant gradient (e.g. zero, behind a zero-initialized norm scale): every |g - mean| is equal,
+    # none is above the quantile.
+    if low == high and _constant(gradient):
+        return torch.empty(0, dtype=torch.long), flat[:0]
     indices, values = _candidates(gradient, float(center), float(low), work)
     d, mask = work.deviations(gradient.dtype, values.size)
     np.abs(np.subtract(values, center, out=d), out=d)  # |g - mean| exactly as a full pass computes it
@@ -226,19 +224,20 @@ def _kept_bracketed(
     if below > lo:
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
-    threshold = _quantile_of_deviations(*_near_the_quantile(d, lo - (n - d.size), high, mask), frac, tied)
+    rank = lo - (n - d.size)
+    threshold = _quantile_of_deviations(_near_the_quantile(d, rank, high, mask), rank, frac, tied)
     return _candidates_above(indices, values, d, threshold, mask, out)
 
 
-def _near_the_quantile(d: np.ndarray, rank: int, high, mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """The deviations under the sample's upper bound ``high`` and ``rank`` among them, when both order
-    statistics ``rank`` and ``rank + 1`` of ``d`` lie there (then they are the same ones); else ``d``.
+def _near_the_quantile(d: np.ndarray, rank: int, high, mask: np.ndarray) -> np.ndarray:
+    """The deviations under the sample's upper bound ``high``, when both order statistics ``rank`` and
+    ``rank + 1`` of ``d`` lie there (they are then the same order statistics of the band); else ``d``.
 
     The candidates are the kept ~5% plus the band up to ``high``, a tenth of that size: selecting
     in the band alone costs a comparison pass over the candidates instead of a partition of them.
     """
     near = np.compress(np.less(d, high, out=mask[: d.size]), d)  # twice as fast as d[mask]
-    return (near, rank) if near.size > rank + 1 else (d, rank)
+    return near if near.size > rank + 1 else d
 
 
 def _constant(gradient: np.ndarray) -> bool:
