@@ -23,7 +23,8 @@ for comparison only) and pytorch_optimizer's ``SAM`` (from PyPI):
     python scripts/benchmark_step.py --mode optimizer --workloads resnet18@32x64 vit_base_patch16_224@224x4
 
 ``--phases`` splits SAM's and ZSAM's steps into the ascent's forward and backward, the perturbation, the
-descent pass with the optimizer step, and the restore (medians, ms), to show where ZSAM's extra time goes:
+descent pass with the optimizer step, and the restore (medians of ms and of minor page faults), to show where
+ZSAM's extra time goes:
 
     python scripts/benchmark_step.py --phases --workloads vit_base_patch16_224@224x4 --steps 5 --rounds 1 --warmup 1
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -303,21 +305,22 @@ PHASES = ("ascent forward", "ascent backward", "perturb", "descent pass + optimi
 
 def measure_phases(arch: str, image_size: int, batch_size: int, args) -> dict:
     """Where a two-pass step's time goes, for SAM and ZSAM: the ascent's forward and backward, building and
-    applying e, the host's own training step at w + e with the optimizer step, and the restore (medians).
-    The descent is the step minus the rest, so anything one variant makes the next pass pay shows there."""
+    applying e, the host's own training step at w + e with the optimizer step, and the restore (medians of
+    seconds and of minor page faults). The descent is the step minus the rest, so anything one variant makes
+    the next pass pay shows there: page faults in it mean memory the allocator gave back and takes again."""
     model, batch, _ = workload(arch, image_size, batch_size, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = make_trainers(model, tmp, args)
-        spent: dict[str, float] = {}
+        spent: dict[str, tuple[float, int]] = {}
         for trainer in trainers.values():
             _time_into(trainer, "_loss_for_backward", "ascent forward", spent)
             _time_into(trainer, "_ascent_gradients", "ascent backward", spent)
             perturb = trainer.perturbation.perturb
 
             def timed_perturb(*a, _perturb=perturb, **k):
-                start = time.perf_counter()
+                start = _clock()
                 applied, stats = _perturb(*a, **k)
-                spent["perturb"] = time.perf_counter() - start
+                spent["perturb"] = _since(start)
                 _time_into(applied, "restore", "restore", spent)
                 return applied, stats
 
@@ -326,36 +329,61 @@ def measure_phases(arch: str, image_size: int, batch_size: int, args) -> dict:
         for i in range(args.warmup + args.steps * args.rounds):
             for label, trainer in trainers.items():
                 spent.clear()
-                start = time.perf_counter()
+                start = _clock()
                 trainer_step(trainer, model, batch)
-                step = time.perf_counter() - start
+                step = _since(start)
                 if i < args.warmup or label == "none":
                     continue
-                spent["descent pass + optimizer step"] = step - sum(spent.values())
+                spent["descent pass + optimizer step"] = tuple(
+                    whole - sum(part[j] for part in spent.values()) for j, whole in enumerate(step)
+                )
                 for phase, value in {"step": step, **spent}.items():
                     times[label][phase].append(value)
-    return {label: {k: statistics.median(v) for k, v in row.items()} for label, row in times.items()}
+    return {
+        unit: {
+            label: {k: statistics.median(v[j] for v in row) for k, row in rows.items()}
+            for label, rows in times.items()
+        }
+        for j, unit in enumerate(("seconds", "minor_faults"))
+    }
+
+
+def _clock() -> tuple[float, int]:
+    """Now: wall seconds and this process's minor page faults so far."""
+    return time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _since(start: tuple[float, int]) -> tuple[float, int]:
+    now = _clock()
+    return now[0] - start[0], now[1] - start[1]
 
 
 def _time_into(obj, method: str, phase: str, spent: dict) -> None:
-    """Replace ``obj.method`` (on the instance) by a wrapper that records its duration under ``phase``."""
+    """Replace ``obj.method`` (on the instance) by a wrapper that records its duration and page faults
+    under ``phase``."""
     original = getattr(obj, method)
 
     def timed(*a, **k):
-        start = time.perf_counter()
+        start = _clock()
         result = original(*a, **k)
-        spent[phase] = time.perf_counter() - start
+        spent[phase] = _since(start)
         return result
 
     setattr(obj, method, timed)
 
 
 def report_phases(workload_text: str, phases: dict, args) -> None:
-    print(f"\n{workload_text}, device {args.device}, threads {torch.get_num_threads()}, medians (ms)")
-    print(f"{'phase':<34}{'SAM':>10}{'ZSAM':>10}{'ZSAM - SAM':>12}")
+    print(f"\n{workload_text}, device {args.device}, threads {torch.get_num_threads()}, medians")
+    print(
+        f"{'phase':<34}{'SAM ms':>10}{'ZSAM ms':>10}{'ZSAM - SAM':>12}{'SAM faults':>12}{'ZSAM faults':>12}"
+    )
+    seconds, faults = phases["seconds"], phases["minor_faults"]
     for phase in ("step", *PHASES):
-        sam, zsam = phases["sam"][phase] * 1000, phases["zsam"][phase] * 1000
-        print(f"{phase:<34}{sam:>10.1f}{zsam:>10.1f}{zsam - sam:>+12.1f}")
+        sam, zsam = seconds["sam"][phase] * 1000, seconds["zsam"][phase] * 1000
+        print(
+            f"{phase:<34}{sam:>10.1f}{zsam:>10.1f}{zsam - sam:>+12.1f}"
+            f"{faults['sam'][phase]:>12.0f}{faults['zsam'][phase]:>12.0f}"
+        )
 
 
 def measure(arch: str, image_size: int, batch_size: int, args) -> dict:
@@ -433,8 +461,8 @@ def main() -> None:
             results.append(measure_optimizers(*parse_workload(text), args))
             report_optimizers(results[-1], args)
         elif args.phases:
-            results.append({"workload": text, "phases_s": measure_phases(*parse_workload(text), args)})
-            report_phases(text, results[-1]["phases_s"], args)
+            results.append({"workload": text, "phases": measure_phases(*parse_workload(text), args)})
+            report_phases(text, results[-1]["phases"], args)
         else:
             results.append(measure(*parse_workload(text), args))
             report(results[-1], args)

@@ -245,8 +245,8 @@ def test_the_step_benchmark_runs_through_the_trainer_and_prints_its_ratio(tmp_pa
 
 def test_step_benchmark_phases_add_up_to_the_step(tmp_path):
     """``--phases``: SAM's and ZSAM's steps split into ascent forward/backward, perturb, descent and restore;
-    every timed phase was reached (positive), the descent (the step's remainder) too, and only the two-pass
-    rows are reported."""
+    every timed phase was reached (positive), the descent (the step's remainder) too, page faults are counted
+    per phase, and only the two-pass rows are reported."""
     import json
     import os
     import subprocess
@@ -261,10 +261,14 @@ def test_step_benchmark_phases_add_up_to_the_step(tmp_path):
         timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    phases = json.loads((tmp_path / "phases.json").read_text())["results"][0]["phases_s"]
-    assert set(phases) == {"sam", "zsam"}
-    for row in phases.values():
+    phases = json.loads((tmp_path / "phases.json").read_text())["results"][0]["phases"]
+    assert set(phases) == {"seconds", "minor_faults"}
+    assert set(phases["seconds"]) == set(phases["minor_faults"]) == {"sam", "zsam"}
+    for row in phases["seconds"].values():
         assert all(value >= 0 for name, value in row.items() if name != "descent pass + optimizer step")
         assert row["perturb"] > 0 and row["restore"] > 0 and row["ascent backward"] > 0
         assert row["descent pass + optimizer step"] > 0
-    assert "ZSAM - SAM" in done.stdout and "descent pass + optimizer step" in done.stdout
+    # Page faults per phase, the descent's too: differences of a counter that never goes down.
+    for row in phases["minor_faults"].values():
+        assert all(value >= 0 for value in row.values())
+    assert "ZSAM - SAM" in done.stdout and "ZSAM faults" in done.stdout
