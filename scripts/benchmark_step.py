@@ -23,8 +23,8 @@ for comparison only) and pytorch_optimizer's ``SAM`` (from PyPI):
     python scripts/benchmark_step.py --mode optimizer --workloads resnet18@32x64 vit_base_patch16_224@224x4
 
 ``--phases`` splits SAM's and ZSAM's steps into the ascent's forward and backward, the perturbation, the
-descent pass with the optimizer step, and the restore (medians of ms and of minor page faults), to show where
-ZSAM's extra time goes:
+descent pass with the optimizer step, and the restore (medians of ms and of minor page faults, and the C heap's
+largest drop, where glibc hands memory back to the kernel), to show where ZSAM's extra time goes:
 
     python scripts/benchmark_step.py --phases --workloads vit_base_patch16_224@224x4 --steps 5 --rounds 1 --warmup 1
 """
@@ -32,6 +32,7 @@ ZSAM's extra time goes:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import statistics
@@ -306,12 +307,13 @@ PHASES = ("ascent forward", "ascent backward", "perturb", "descent pass + optimi
 def measure_phases(arch: str, image_size: int, batch_size: int, args) -> dict:
     """Where a two-pass step's time goes, for SAM and ZSAM: the ascent's forward and backward, building and
     applying e, the host's own training step at w + e with the optimizer step, and the restore (medians of
-    seconds and of minor page faults). The descent is the step minus the rest, so anything one variant makes
+    seconds and of minor page faults, and the largest drop of the C heap's size). The descent is the step minus
+    the rest, so anything one variant makes
     the next pass pay shows there: page faults in it mean memory the allocator gave back and takes again."""
     model, batch, _ = workload(arch, image_size, batch_size, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = make_trainers(model, tmp, args)
-        spent: dict[str, tuple[float, int]] = {}
+        spent: dict[str, tuple[float, int, int]] = {}
         for trainer in trainers.values():
             _time_into(trainer, "_loss_for_backward", "ascent forward", spent)
             _time_into(trainer, "_ascent_gradients", "ascent backward", spent)
@@ -339,23 +341,42 @@ def measure_phases(arch: str, image_size: int, batch_size: int, args) -> dict:
                 )
                 for phase, value in {"step": step, **spent}.items():
                     times[label][phase].append(value)
+    summaries = {"seconds": statistics.median, "minor_faults": statistics.median, "heap_change_bytes": min}
     return {
         unit: {
-            label: {k: statistics.median(v[j] for v in row) for k, row in rows.items()}
+            label: {k: summary([v[j] for v in row]) for k, row in rows.items()}
             for label, rows in times.items()
         }
-        for j, unit in enumerate(("seconds", "minor_faults"))
+        for j, (unit, summary) in enumerate(summaries.items())
     }
 
 
-def _clock() -> tuple[float, int]:
-    """Now: wall seconds and this process's minor page faults so far."""
-    return time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
 
 
-def _since(start: tuple[float, int]) -> tuple[float, int]:
-    now = _clock()
-    return now[0] - start[0], now[1] - start[1]
+def _heap_bytes_reader():
+    """glibc's main heap size (``mallinfo2().arena``, glibc 2.33+): it drops when glibc hands the heap's top
+    back to the kernel. Elsewhere, a reader of 0."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return lambda: 0
+    return lambda: libc.mallinfo2().arena
+
+
+_heap_bytes = _heap_bytes_reader()
+
+
+def _clock() -> tuple[float, int, int]:
+    """Now: wall seconds, this process's minor page faults so far, and the C heap's size."""
+    return time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt, _heap_bytes()
+
+
+def _since(start: tuple[float, int, int]) -> tuple[float, int, int]:
+    return tuple(now - then for now, then in zip(_clock(), start))
 
 
 def _time_into(obj, method: str, phase: str, spent: dict) -> None:
@@ -373,16 +394,19 @@ def _time_into(obj, method: str, phase: str, spent: dict) -> None:
 
 
 def report_phases(workload_text: str, phases: dict, args) -> None:
-    print(f"\n{workload_text}, device {args.device}, threads {torch.get_num_threads()}, medians")
     print(
-        f"{'phase':<34}{'SAM ms':>10}{'ZSAM ms':>10}{'ZSAM - SAM':>12}{'SAM faults':>12}{'ZSAM faults':>12}"
+        f"\n{workload_text}, device {args.device}, threads {torch.get_num_threads()}: medians of ms and page faults,"
     )
-    seconds, faults = phases["seconds"], phases["minor_faults"]
+    print("and the C heap's largest change in MB (negative: glibc gave memory back to the kernel)")
+    header = ("SAM ms", "ZSAM ms", "ZSAM - SAM", "SAM faults", "ZSAM faults", "SAM heap", "ZSAM heap")
+    print(f"{'phase':<30}" + "".join(f"{name:>12}" for name in header))
+    seconds, faults, heap = phases["seconds"], phases["minor_faults"], phases["heap_change_bytes"]
     for phase in ("step", *PHASES):
         sam, zsam = seconds["sam"][phase] * 1000, seconds["zsam"][phase] * 1000
         print(
-            f"{phase:<34}{sam:>10.1f}{zsam:>10.1f}{zsam - sam:>+12.1f}"
+            f"{phase:<30}{sam:>12.1f}{zsam:>12.1f}{zsam - sam:>+12.1f}"
             f"{faults['sam'][phase]:>12.0f}{faults['zsam'][phase]:>12.0f}"
+            f"{heap['sam'][phase] / 1e6:>+12.1f}{heap['zsam'][phase] / 1e6:>+12.1f}"
         )
 
 

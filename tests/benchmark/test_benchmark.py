@@ -262,8 +262,8 @@ def test_step_benchmark_phases_add_up_to_the_step(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     phases = json.loads((tmp_path / "phases.json").read_text())["results"][0]["phases"]
-    assert set(phases) == {"seconds", "minor_faults"}
-    assert set(phases["seconds"]) == set(phases["minor_faults"]) == {"sam", "zsam"}
+    assert set(phases) == {"seconds", "minor_faults", "heap_change_bytes"}
+    assert all(set(rows) == {"sam", "zsam"} for rows in phases.values())
     for row in phases["seconds"].values():
         assert all(value >= 0 for name, value in row.items() if name != "descent pass + optimizer step")
         assert row["perturb"] > 0 and row["restore"] > 0 and row["ascent backward"] > 0
@@ -271,4 +271,6 @@ def test_step_benchmark_phases_add_up_to_the_step(tmp_path):
     # Page faults per phase, the descent's too: differences of a counter that never goes down.
     for row in phases["minor_faults"].values():
         assert all(value >= 0 for value in row.values())
-    assert "ZSAM - SAM" in done.stdout and "ZSAM faults" in done.stdout
+    # The heap's largest change in a phase: a difference of sizes in bytes (the smallest over the steps).
+    assert all(value == int(value) for row in phases["heap_change_bytes"].values() for value in row.values())
+    assert "ZSAM - SAM" in done.stdout and "ZSAM faults" in done.stdout and "ZSAM heap" in done.stdout
