@@ -34,6 +34,9 @@ def main(output_dir: str) -> None:
     if trainer.is_world_process_zero():
         print(f"world_size {args.world_size}; logged {trainer.state.log_history[0]}")
     trainer.save_model(f"{output_dir}/final")
+    # Leave no gloo/NCCL threads to interpreter exit, where they can abort the process (pytorch/pytorch#179291).
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

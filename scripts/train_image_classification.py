@@ -93,5 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def end_process_group() -> None:
+    """Destroy the process group a launcher's run joined, before the interpreter exits: gloo's worker threads
+    left to interpreter exit can abort a finished process with SIGABRT (pytorch/pytorch#179291)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        end_process_group()
+    sys.exit(code)
