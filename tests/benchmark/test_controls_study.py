@@ -123,3 +123,32 @@ def test_the_matched_random_control_runs_only_where_no_selection_already_ran_it(
     assert controls.paired_questions(same)[0] == ("zsam-tensor", "random-tensor")
     assert controls.paired_questions(same).count(("zsam-tensor", "random-tensor")) == 1
     assert controls.paired_questions(other)[0] == ("zsam-tensor", controls.MATCHED)
+
+
+def test_the_report_names_the_validation_labels_as_they_were_at_each_noise_level(tmp_path):
+    """Validation labels carry the training noise: the 40% level's table says "noisy labels", the 0% level's
+    must not (nothing was flipped); a partial search selects nothing."""
+    from zsam_hf.benchmark import controls
+
+    def run(noise, variant, rho, accuracy):
+        return {"group": controls.search_group(noise), "key": f"{noise}-{variant}-{rho}", "seed": 0,
+                "variant": variant, "sam_rho": rho, "validation_accuracy": accuracy,
+                "final_test_accuracy": accuracy, "mean_perturbation_norm": rho}  # fmt: skip
+
+    records = [run(level, m, rho, 0.8) for level in (0.4, 0.0) for m, rho in (("none", None), ("sam", 0.05))]
+    report = controls.write_controls_report(
+        records,
+        str(tmp_path),
+        [0.4, 0.0],
+        ["none", "sam"],
+        [0.05, 0.1],
+        weight_tensors=20,
+        budget_text="budget",
+    )
+    noisy, clean = report.split("## 0% label noise")
+    assert "## 40% label noise" in noisy and "(noisy labels, as trained)" in noisy
+    assert "noisy" not in clean and "(labels as trained: no noise)" in clean
+    assert (
+        noisy.count("incomplete, so nothing is selected yet") == clean.count("nothing is selected yet") == 1
+    )
+    assert (tmp_path / "accuracy_vs_radius_noise0.png").stat().st_size > 5000

@@ -179,12 +179,15 @@ def plot_accuracy_vs_radius(
     weight_tensors: int,
     title: str,
     radii=RADII,
+    noisy: bool = True,
 ) -> None:
     """Validation and clean test accuracy against the measured ||e|| per method, log axis, the selected
-    point of each method circled; the base optimizer as a horizontal line."""
+    point of each method circled; the base optimizer as a horizontal line. ``noisy``: the validation
+    labels carry the training noise (the axis says so)."""
+    validation = "validation accuracy, noisy labels (%)" if noisy else "validation accuracy (%)"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
     for ax, key, label in zip(axes, ("validation_accuracy", "final_test_accuracy"),
-                              ("validation accuracy, noisy labels (%)", "clean test accuracy (%)")):  # fmt: skip
+                              (validation, "clean test accuracy (%)")):  # fmt: skip
         for method in methods:
             runs = sorted((r for r in records if r["variant"] == method), key=effective_radius)
             if method == "none":
@@ -226,10 +229,11 @@ def write_controls_report(
         chosen = _chosen_from(search) if complete else {}  # no selection from a partial search
         plot = f"accuracy_vs_radius_noise{noise:g}.png"
         plot_accuracy_vs_radius(search, chosen, os.path.join(out_dir, plot), methods, weight_tensors,
-                                f"{100 * noise:.0f}% label noise", radii)  # fmt: skip
+                                f"{100 * noise:.0f}% label noise", radii, noisy=noise > 0)  # fmt: skip
         parts += [f"## {100 * noise:.0f}% label noise", "",
                   f"Radius search ({len(search)} of {expected} runs, seed {search[0]['seed']}): validation accuracy % "
-                  "(noisy labels, as trained) and clean test accuracy % in brackets; "
+                  + ("(noisy labels, as trained)" if noise > 0 else "(labels as trained: no noise)")
+                  + " and clean test accuracy % in brackets; "
                   + ("the selected radius in bold." if complete else "incomplete, so nothing is selected yet."), "",
                   search_table(search, chosen, methods, radii, weight_tensors), f"![accuracy against radius]({plot})", ""]  # fmt: skip
         rows = [*methods, MATCHED] if matched_control(chosen) == MATCHED else list(methods)
