@@ -3,7 +3,8 @@
 
 Rows: the base optimizer, our ``ZSAM(variant="sam")`` and ``ZSAM``, pytorch_optimizer's ``SAM`` (the
 benchmark extra), each in the plain first_step/second_step loop, and the re-created davda54 SAM and
-released-code ZSAM steps of ``benchmark_step.py``.
+released-code ZSAM steps of ``benchmark_step.py``; then the base optimizer, SAM and ZSAM through
+``ZSAMTrainer.training_step``, over the Trainer's own base row (``sam_variant="none"``).
 
 A CPU has no allocator statistics like CUDA's, and the C allocator keeps freed pages or hands
 them back depending on its own history, so a step that allocates fresh buffers can peak at a
@@ -17,6 +18,7 @@ step to step: SAM's backups, ZSAM's reused buffers).
 
     python scripts/benchmark_memory.py                    # a 67M-parameter MLP, 3 processes per row
     python scripts/benchmark_memory.py --width 2048 --depth 4 --repeats 2 --steps 6
+    python scripts/benchmark_memory.py --front_doors trainer   # only the rows through ZSAMTrainer
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ ROWS = (
     "SAM (davda54, re-created)",
     "ZSAM (released code, re-created)",
 )
+# The same steps through ZSAMTrainer.training_step (benchmark_step.trainer_step), over the Trainer's own base row.
+TRAINER_ROWS = (
+    "base (ZSAMTrainer, sam_variant='none')",
+    "SAM (ZSAMTrainer)",
+    "ZSAM (ZSAMTrainer)",
+)
+TRAINER_VARIANTS = dict(zip(TRAINER_ROWS, ("none", "sam", "zsam")))
 
 
 def _status_kib(field: str) -> int:
@@ -60,7 +69,14 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark_step import base_step, davda54_sam_step, released_code_step, two_step
+    from benchmark_step import (
+        base_step,
+        davda54_sam_step,
+        make_trainer,
+        released_code_step,
+        trainer_step,
+        two_step,
+    )
     from pytorch_optimizer import SAM as ThirdPartySAM
 
     from zsam_hf import ZSAM
@@ -97,6 +113,8 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
             released_code_step, model, torch.optim.SGD(params(), lr=1e-3), data, 0.05, 0.95
         ),
     }
+    for trainer_row, variant in TRAINER_VARIANTS.items():
+        make_step[trainer_row] = partial(_trainer_step_of, model, data, variant, make_trainer, trainer_step)
     step = make_step[row]()
 
     peaks, resident = [], []
@@ -111,6 +129,15 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
             "resident_before": resident}  # fmt: skip
 
 
+def _trainer_step_of(model, data, variant: str, make_trainer, trainer_step):
+    """One optimizer step of ``variant`` through ZSAMTrainer.training_step, as ``benchmark_step.py`` times it."""
+    import tempfile
+    from types import SimpleNamespace
+
+    trainer = make_trainer(model, tempfile.mkdtemp(), SimpleNamespace(device="cpu", bf16=False), variant)
+    return partial(trainer_step, trainer, model, data)
+
+
 def run_row_in_child(row: str, args) -> dict:
     """``measure_row`` in a fresh interpreter, so no row inherits another's allocator history."""
     command = [sys.executable, __file__, "--child", row, "--width", str(args.width), "--depth", str(args.depth),
@@ -121,14 +148,22 @@ def run_row_in_child(row: str, args) -> dict:
 
 
 def report(results: dict[str, list[dict]], args) -> None:
-    param_bytes = results[ROWS[0]][0]["param_bytes"]
-    base = statistics.median(p for r in results[ROWS[0]] for p in r["step_peaks"])
-    base_resident = statistics.median(p for r in results[ROWS[0]] for p in r["resident_before"])
-    print(f"MLP {args.depth} x Linear({args.width}, {args.width}): {results[ROWS[0]][0]['params'] / 1e6:.1f}M "
-          f"parameters ({param_bytes / 2**20:.0f} MiB), batch {args.batch}, one thread; {args.repeats} processes "
-          f"per row, {args.steps} steps each after {args.warmup} warm-up steps")  # fmt: skip
-    print("figures over the base optimizer's, in parameter bytes; spreads are max - min")
-    print(f"{'row':<34}{'peak':>8}{'spread over steps':>19}{'over processes':>16}{'kept between steps':>20}")
+    first = next(iter(results.values()))[0]
+    print(f"MLP {args.depth} x Linear({args.width}, {args.width}): {first['params'] / 1e6:.1f}M "
+          f"parameters ({first['param_bytes'] / 2**20:.0f} MiB), batch {args.batch}, one thread; {args.repeats} "
+          f"processes per row, {args.steps} steps each after {args.warmup} warm-up steps")  # fmt: skip
+    for rows in (ROWS, TRAINER_ROWS):
+        if rows[0] in results:
+            _report_rows({row: results[row] for row in rows if row in results}, rows[0])
+
+
+def _report_rows(results: dict[str, list[dict]], base_row: str) -> None:
+    """Each row's peak over ``base_row``'s, in parameter bytes."""
+    param_bytes = results[base_row][0]["param_bytes"]
+    base = statistics.median(p for r in results[base_row] for p in r["step_peaks"])
+    base_resident = statistics.median(p for r in results[base_row] for p in r["resident_before"])
+    print(f"\nfigures over the {base_row} row's, in parameter bytes; spreads are max - min")
+    print(f"{'row':<40}{'peak':>8}{'spread over steps':>19}{'over processes':>16}{'kept between steps':>20}")
     for row, runs in results.items():
         over = [(p - base) / param_bytes for r in runs for p in r["step_peaks"]]
         per_process = [statistics.median((p - base) / param_bytes for p in r["step_peaks"]) for r in runs]
@@ -136,7 +171,7 @@ def report(results: dict[str, list[dict]], args) -> None:
         kept = statistics.median(
             (p - base_resident) / param_bytes for r in runs for p in r["resident_before"]
         )
-        print(f"{row:<34}{statistics.median(over):>8.3f}{within:>19.3f}"
+        print(f"{row:<40}{statistics.median(over):>8.3f}{within:>19.3f}"
               f"{max(per_process) - min(per_process):>16.3f}{kept:>20.3f}")  # fmt: skip
 
 
@@ -149,6 +184,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per row")
     parser.add_argument("--json", help="also write the per-step figures here")
+    parser.add_argument(
+        "--front_doors", nargs="+", choices=("optimizer", "trainer"), default=["optimizer", "trainer"],
+        help="rows through the optimizer (first_step/second_step), through ZSAMTrainer, or both",
+    )  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -158,7 +197,11 @@ def main() -> None:
         return
     if not os.path.exists("/proc/self/clear_refs"):
         raise SystemExit("this benchmark reads Linux's /proc/self/status and resets /proc/self/clear_refs")
-    results = {row: [run_row_in_child(row, args) for _ in range(args.repeats)] for row in ROWS}
+    rows = [
+        *(ROWS if "optimizer" in args.front_doors else ()),
+        *(TRAINER_ROWS if "trainer" in args.front_doors else ()),
+    ]
+    results = {row: [run_row_in_child(row, args) for _ in range(args.repeats)] for row in rows}
     report(results, args)
     if args.json:
         with open(args.json, "w") as f:

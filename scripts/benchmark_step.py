@@ -288,17 +288,20 @@ def parse_workload(text: str) -> tuple[str, int, int]:
 
 def make_trainers(model, output_dir: str, args, extra=()) -> dict[str, ZSAMTrainer]:
     """One ZSAMTrainer per row over the same model: none, sam, zsam, then ``extra`` (label, variant, k)."""
-    trainers = {}
-    for label, variant, k in (("none", "none", 1), ("sam", "sam", 1), ("zsam", "zsam", 1), *extra):
-        targs = ZSAMTrainingArguments(
-            output_dir=output_dir, sam_variant=variant, sam_interval=k, optim="sgd", learning_rate=1e-3,
-            report_to=[], use_cpu=args.device == "cpu", disable_tqdm=True, bf16=args.bf16,
-        )  # fmt: skip
-        trainer = ZSAMTrainer(model=model, args=targs)
-        trainer.create_optimizer()
-        trainer.current_gradient_accumulation_steps = 1
-        trainers[label] = trainer
-    return trainers
+    rows = (("none", "none", 1), ("sam", "sam", 1), ("zsam", "zsam", 1), *extra)
+    return {label: make_trainer(model, output_dir, args, variant, k) for label, variant, k in rows}
+
+
+def make_trainer(model, output_dir: str, args, variant: str, k: int = 1) -> ZSAMTrainer:
+    """A ZSAMTrainer (SGD) ready for ``trainer_step``: its optimizer built, one micro-batch per step."""
+    targs = ZSAMTrainingArguments(
+        output_dir=output_dir, sam_variant=variant, sam_interval=k, optim="sgd", learning_rate=1e-3,
+        report_to=[], use_cpu=args.device == "cpu", disable_tqdm=True, bf16=args.bf16,
+    )  # fmt: skip
+    trainer = ZSAMTrainer(model=model, args=targs)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
 
 
 PHASES = ("ascent forward", "ascent backward", "perturb", "descent pass + optimizer step", "restore")

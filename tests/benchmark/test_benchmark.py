@@ -196,8 +196,8 @@ def test_flatness_measures_loss_increase_and_restores_weights():
 
 
 def test_memory_benchmark_measures_every_row_in_its_own_process(tmp_path):
-    """scripts/benchmark_memory.py as a user runs it, shrunk: every row runs in its own process and reports
-    a peak per step and the resident memory before it. (The figures themselves vary by megabytes from
+    """scripts/benchmark_memory.py as a user runs it, shrunk: every row (the optimizer's and the Trainer's)
+    runs in its own process and reports a peak per step and the resident memory before it. (The figures themselves vary by megabytes from
     process to process: the benchmark's spreads report that, a test cannot bound it.)"""
     import subprocess
     import sys
@@ -212,7 +212,7 @@ def test_memory_benchmark_measures_every_row_in_its_own_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     module = load_script_named("benchmark_memory")
-    assert list(results) == list(module.ROWS)
+    assert list(results) == [*module.ROWS, *module.TRAINER_ROWS]  # both front doors by default
     param_bytes = 2 * (2048 * 2048 + 2048) * 4
     for row, (run,) in results.items():
         assert run["param_bytes"] == param_bytes and len(run["step_peaks"]) == 2, row
@@ -221,6 +221,9 @@ def test_memory_benchmark_measures_every_row_in_its_own_process(tmp_path):
             peak >= before - 2**20 for peak, before in zip(run["step_peaks"], run["resident_before"])
         ), row
     assert "peak" in done.stdout and module.ROWS[5] in done.stdout
+    # Each front door over its own base row: the Trainer's rows over the Trainer's plain step.
+    assert f"over the {module.ROWS[0]} row's" in done.stdout
+    assert f"over the {module.TRAINER_ROWS[0]} row's" in done.stdout and module.TRAINER_ROWS[2] in done.stdout
 
 
 def test_the_step_benchmark_runs_through_the_trainer_and_prints_its_ratio(tmp_path):
