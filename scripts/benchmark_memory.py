@@ -69,14 +69,7 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
     import torch.nn.functional as F
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark_step import (
-        base_step,
-        davda54_sam_step,
-        make_trainer,
-        released_code_step,
-        trainer_step,
-        two_step,
-    )
+    from benchmark_step import base_step, davda54_sam_step, released_code_step, two_step
     from pytorch_optimizer import SAM as ThirdPartySAM
 
     from zsam_hf import ZSAM
@@ -114,7 +107,7 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
         ),
     }
     for trainer_row, variant in TRAINER_VARIANTS.items():
-        make_step[trainer_row] = partial(_trainer_step_of, model, data, variant, make_trainer, trainer_step)
+        make_step[trainer_row] = partial(_trainer_step_of, model, data, variant)
     step = make_step[row]()
 
     peaks, resident = [], []
@@ -129,10 +122,12 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
             "resident_before": resident}  # fmt: skip
 
 
-def _trainer_step_of(model, data, variant: str, make_trainer, trainer_step):
+def _trainer_step_of(model, data, variant: str):
     """One optimizer step of ``variant`` through ZSAMTrainer.training_step, as ``benchmark_step.py`` times it."""
     import tempfile
     from types import SimpleNamespace
+
+    from benchmark_step import make_trainer, trainer_step
 
     trainer = make_trainer(model, tempfile.mkdtemp(), SimpleNamespace(device="cpu", bf16=False), variant)
     return partial(trainer_step, trainer, model, data)

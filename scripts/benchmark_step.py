@@ -311,8 +311,8 @@ def measure_phases(arch: str, image_size: int, batch_size: int, args) -> dict:
     """Where a two-pass step's time goes, for SAM and ZSAM: the ascent's forward and backward, building and
     applying e, the host's own training step at w + e with the optimizer step, and the restore (medians of
     seconds and of minor page faults, and the largest drop of the C heap's size). The descent is the step minus
-    the rest, so anything one variant makes
-    the next pass pay shows there: page faults in it mean memory the allocator gave back and takes again."""
+    the rest, so anything one variant makes the next pass pay shows there: page faults in it mean memory the
+    allocator gave back and takes again."""
     model, batch, _ = workload(arch, image_size, batch_size, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = make_trainers(model, tmp, args)

@@ -27,6 +27,7 @@ from zsam_hf.vision.image_classification import (
     DataArguments,
     ModelArguments,
     SetupError,
+    end_process_group,
     run,
 )
 from zsam_hf.vision.search import SearchArguments, run_search
@@ -91,15 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: {result.metrics[key]:.4f}")
     print(f"Model, image processor and model card saved to {training_args.output_dir}")
     return 0
-
-
-def end_process_group() -> None:
-    """Destroy the process group a launcher's run joined, before the interpreter exits: gloo's worker threads
-    left to interpreter exit can abort a finished process with SIGABRT (pytorch/pytorch#179291)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from transformers import get_scheduler
 
 from zsam_hf import ZSAM, checkpoint_dirs
 from zsam_hf.card import CardContext, build_model_card, card_metrics, redact_command
-from zsam_hf.vision.image_classification import DataArguments, ModelArguments, prepare_data
+from zsam_hf.vision.image_classification import DataArguments, ModelArguments, end_process_group, prepare_data
 
 DEMO = ["--dataset_name", "fashion_mnist", "--max_train_samples", "6000", "--max_eval_samples", "2000",
         "--num_train_epochs", "2", "--output_dir", "outputs/zsam-no-trainer-demo"]  # fmt: skip
@@ -212,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_accuracy: {accuracy:.4f}")
         print(f"Model, image processor and model card saved to {args.output_dir}")
     accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()
     return 0
 
 

@@ -407,3 +407,12 @@ __all__ = [
     "prepare_data",
     "run",
 ]
+
+
+def end_process_group() -> None:
+    """Destroy the process group a launched run joined, before the interpreter exits: gloo's worker threads
+    left to interpreter exit can abort a finished process with SIGABRT (pytorch/pytorch#179291)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
