@@ -336,14 +336,18 @@ class AppliedPerturbation:
         return total
 
 
-# NumPy reads and writes scattered entries of a CPU tensor 2-3x faster than torch.take and
-# index_put_ (one thread, a ResNet-18's 5% of 11M entries: 6 ms of a step instead of 12).
+# A plain CPU tensor's scattered entries: at one thread NumPy reads and writes them 2-3x faster than
+# torch.take and index_put_ (a ResNet-18's 5% of 11M entries: 6 ms of a step instead of 12). With more
+# threads, torch.gather and index_copy_ split the entries between them, and the other threads would
+# otherwise wait: a cold 2.4M-entry weight, 5% of it, 2 threads: 3.0 and 2.2 ns an entry against NumPy's
+# 3.6 (docs/performance.md).
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
-def _through_numpy(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether NumPy can read or write ``p``'s entries at ``indices`` in place: plain contiguous
-    CPU tensors of a dtype NumPy has (not bf16), int64 indices, companions of ``p``'s dtype."""
+def _plain_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether ``p``'s entries at ``indices`` can be read or written in place through its flat view,
+    by NumPy or torch's threads: a plain contiguous CPU tensor of a dtype NumPy has (not bf16),
+    int64 indices, companions of ``p``'s dtype."""
     return (
         p.device.type == "cpu"
         and p.dtype in _NUMPY_DTYPES
@@ -359,21 +363,26 @@ def gather_entries(p: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | N
     """``p.flatten()[indices]`` (into ``out`` when given); ``indices`` are valid flat indices."""
     if out is None:
         out = torch.empty(indices.numel(), dtype=p.dtype, device=p.device)
-    if _through_numpy(p, indices, out):
-        # "clip": no bounds-checking copy; the indices come from the selection and are in range
-        np.take(p.detach().view(-1).numpy(), indices.numpy(), out=out.numpy(), mode="clip")
-        return out
-    return torch.take(p.detach(), indices, out=out)
+    if not _plain_cpu(p, indices, out):
+        return torch.take(p.detach(), indices, out=out)
+    flat = p.detach().view(-1)
+    if torch.get_num_threads() > 1:
+        return torch.gather(flat, 0, indices, out=out)
+    # "clip": no bounds-checking copy; the indices come from the selection and are in range
+    np.take(flat.numpy(), indices.numpy(), out=out.numpy(), mode="clip")
+    return out
 
 
 def scatter_entries(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     """``p.flatten()[indices] = values`` in place (distinct indices), bumping ``p``'s autograd
     version as torch's own in-place ops do."""
-    if _through_numpy(p, indices, values):
+    if not _plain_cpu(p, indices, values):  # index_put_ honours torch.use_deterministic_algorithms, unlike put_
+        p.view(-1).index_put_((indices,), values)
+    elif torch.get_num_threads() > 1:  # deterministic: the indices are distinct
+        p.view(-1).index_copy_(0, indices, values)
+    else:
         p.detach().view(-1).numpy()[indices.numpy()] = values.numpy()
         increment_version(p)
-    else:  # index_put_ honours torch.use_deterministic_algorithms, unlike put_
-        p.view(-1).index_put_((indices,), values)
 
 
 def _can_move(p: torch.Tensor) -> bool:

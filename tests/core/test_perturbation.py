@@ -387,6 +387,69 @@ def test_cpu_order_statistics_match_a_sort(n, ties, dtype, monkeypatch):
                 )
 
 
+@pytest.mark.parametrize("kind", ["distinct", "few values", "mostly zero", "tied above the quantile"])
+@pytest.mark.parametrize("m", [5, 600, 17_000])
+def test_sample_bracket_matches_a_sorted_sample(kind, m):
+    """``_bracket`` (one partition at both ranks, a sort of the part above) gives what a sorted sample gives:
+    its two order statistics and whether the part from the lower one up is heavily tied."""
+    import math
+
+    from zsam_hf.selection import cpu
+    from zsam_hf.selection.order_statistics import heavily_tied
+
+    rng = np.random.default_rng(m)
+    sample = np.abs(rng.standard_normal(m)).astype(np.float32)
+    if kind == "few values":
+        sample = rng.integers(0, 4, m).astype(np.float32)
+    elif kind == "mostly zero":
+        sample[rng.random(m) < 0.97] = 0.0
+    elif kind == "tied above the quantile":
+        sample[sample > np.quantile(sample, 0.9)] = 7.0
+    q = 0.95
+    ordered = np.sort(sample)
+    margin = int(cpu.BRACKET_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
+    first = max(0, math.floor(q * (m - 1)) - margin)
+    last = min(m - 1, math.ceil(q * (m - 1)) + margin)
+    assert cpu._bracket(sample.copy(), q) == (ordered[first], ordered[last], heavily_tied(ordered[first:]))
+
+
+@pytest.mark.parametrize("where", ["inside", "misses low", "misses high", "mostly tied"])
+@pytest.mark.parametrize("rank_share", [0.0, 0.5, 0.95, 1.0])
+def test_bracketed_partition_matches_a_sort_and_falls_back_when_the_sample_misleads(where, rank_share, monkeypatch):
+    """``_pair_in_bracket`` partitions only the entries inside its sampled bracket when both ranks lie
+    there; a sample that misleads (its strided positions planted far above or below the rest) or a
+    bracket holding most of the array makes it partition the whole array. The answer is a sort's."""
+    from zsam_hf.selection import order_statistics
+
+    n = 50_000
+    rng = np.random.default_rng(7)
+    keys = rng.integers(0, 1 << 30, n, dtype=np.int32)
+    stride = order_statistics.coprime_stride(n // int(n ** (2 / 3)))
+    if where == "misses low":  # the sample sits under everything: its bracket lies below the ranks
+        keys[stride // 2 :: stride] = rng.integers(0, 100, keys[stride // 2 :: stride].size)
+    elif where == "misses high":
+        keys[stride // 2 :: stride] = (1 << 31) - 1 - rng.integers(0, 100, keys[stride // 2 :: stride].size)
+    elif where == "mostly tied":
+        keys[rng.random(n) < 0.9] = 12345
+    rank = min(n - 2, int(rank_share * (n - 1)))
+    partitioned: list[int] = []
+    real = order_statistics._partitioned_pair
+    monkeypatch.setattr(
+        order_statistics, "_partitioned_pair", lambda k, r, u: partitioned.append(k.size) or real(k, r, u)
+    )
+    ordered = np.sort(keys)
+    assert order_statistics._pair_in_bracket(keys, rank, rank + 1) == (ordered[rank], ordered[rank + 1])
+    whole = partitioned[-1] == n
+    sample_size = partitioned[0]
+    assert sample_size < n // 20  # the first partition is the sample's
+    if where == "inside":
+        assert not whole and partitioned[-1] < n // 10
+    elif where == "mostly tied" and rank_share == 0.5:
+        assert whole  # the bracket holds the run of ties (the lowest 90%): most of the array
+    elif where in ("misses low", "misses high") and 0.0 < rank_share < 1.0:
+        assert whole, partitioned
+
+
 @pytest.mark.parametrize("n,q", [(1000, 0.95), (40_000, 0.9), (300_001, 0.99), (77, 0.5)])
 def test_mask_against_torch_quantile_itself(n, q):
     """The literal definition: torch.quantile (linear interpolation) on |z| in float64, strict >."""
@@ -548,12 +611,15 @@ def test_the_band_is_used_only_when_it_holds_both_order_statistics():
     assert whole is d
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_scattered_reads_and_writes_match_torch_and_bump_the_autograd_version(dtype):
-    """``gather_entries``/``scatter_entries`` (NumPy where it can) equal ``take``/``index_put_``, and a
-    write bumps the parameter's version as an in-place torch op does (autograd's stale-tensor check)."""
+def test_scattered_reads_and_writes_match_torch_and_bump_the_autograd_version(dtype, threads, monkeypatch):
+    """``gather_entries``/``scatter_entries`` (NumPy at one thread, torch's gather and index_copy_ at more)
+    equal ``take``/``index_put_``, and a write bumps the parameter's version as an in-place torch op
+    does (autograd's stale-tensor check)."""
     from zsam_hf.perturbation import gather_entries, scatter_entries
 
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # which path, not how many threads run
     gen = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(torch.randn(64, 33, generator=gen).to(dtype))
     indices = torch.randperm(p.numel(), generator=gen)[:200].sort().values

@@ -28,7 +28,15 @@ import threading
 import numpy as np
 import torch
 
-from .order_statistics import Kept, adjacent_in_array, as_float, coprime_stride, heavily_tied, quantile_ranks
+from .order_statistics import (
+    TIE_PROBE,
+    Kept,
+    adjacent_in_array,
+    as_float,
+    coprime_stride,
+    heavily_tied,
+    quantile_ranks,
+)
 from .reuse import KeptBuffers
 
 # Largest sample drawn to bracket a quantile; tensors up to SMALL_TENSOR take an exact selection.
@@ -48,12 +56,33 @@ def _positions_above(arr: np.ndarray, bound, inclusive: bool = False, buffer: np
     """``positions_above`` on a NumPy array; ``buffer`` (see ``_mask_buffer``) is reused when large enough."""
     buffer = _mask_buffer(arr.size, buffer)
     (np.greater_equal if inclusive else np.greater)(arr, arr.dtype.type(bound), out=buffer[: arr.size])
-    return np.flatnonzero(buffer[: arr.size])
+    return _set_positions(buffer, arr.size)
+
+
+def _padding(size: int) -> int:
+    """Set entries appended to a mask of ``size`` so that at least a tenth of the padded mask is set."""
+    return size // 9 + 1
 
 
 def _mask_buffer(size: int, buffer: np.ndarray | None = None) -> np.ndarray:
-    """A byte buffer that holds a mask of ``size`` entries: ``buffer`` when it is large enough."""
-    return buffer if buffer is not None and buffer.size >= size else np.empty(size, dtype=bool)
+    """A byte buffer that holds a mask of ``size`` entries and its padding (``_set_positions``):
+    ``buffer`` when it is large enough."""
+    needed = size + _padding(size)
+    return buffer if buffer is not None and buffer.size >= needed else np.empty(needed, dtype=bool)
+
+
+def _set_positions(buffer: np.ndarray, size: int) -> np.ndarray:
+    """``np.flatnonzero(buffer[:size])``, through NumPy's branch-free loop.
+
+    NumPy (2.0 to 2.4) finds the set entries of a mask by skipping runs of unset ones when
+    fewer than a tenth are set, and with a branch-free loop otherwise. Around ZSAM's 5-6%
+    the skips cost 0.9 ns an entry (a mispredicted branch every ~16 entries) against 0.5 ns
+    for the loop, so set entries are appended after the mask until a tenth of it is set, and
+    their positions (all at or after ``size``) are cut off the result.
+    """
+    pad = _padding(size)
+    buffer[size : size + pad] = True
+    return np.flatnonzero(buffer[: size + pad])[:-pad]
 
 
 def _round_toward(value: float, dtype: np.dtype, direction: float) -> np.floating:
@@ -160,15 +189,23 @@ def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bo
     and whether the sample at and above the lower one is heavily tied.
 
     The lower one bounds the quantile from below; both equal means a run of tied values
-    straddles the quantile.  The sample is sorted (robust to ties, see ``adjacent_in_array``),
-    and its part from the lower bound up says whether the candidates are tied.
+    straddles the quantile.  One partition at both ranks places them (a sort of the whole
+    sample cost 5x more); only the part from the lower bound up, the few percent above the
+    quantile, is sorted, to say whether the candidates are tied.  A sample that is tied
+    almost everywhere (a partition's worst case, see ``adjacent_in_array``) is sorted whole.
     """
     m = sample.size
     centre = q * (m - 1)
     margin = int(BRACKET_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
-    ordered = np.sort(sample)
-    first = max(0, math.floor(centre) - margin)
-    return ordered[first], ordered[min(m - 1, math.ceil(centre) + margin)], heavily_tied(ordered[first:])
+    first, last = max(0, math.floor(centre) - margin), min(m - 1, math.ceil(centre) + margin)
+    keys = sample.view(np.int32 if sample.itemsize == 4 else np.int64)  # non-negative: ordered as integers
+    if heavily_tied(np.sort(keys[:: coprime_stride(m // TIE_PROBE)])):
+        ordered = np.sort(keys)
+    else:
+        ordered = np.partition(keys, (first, last) if last > first else first)
+        ordered[first:].sort()
+    ordered = ordered.view(sample.dtype)
+    return ordered[first], ordered[last], heavily_tied(ordered[first:])
 
 
 def _candidates(
@@ -189,7 +226,7 @@ def _candidates(
         np.greater_equal(part, upper, out=work.mask[:size])
         np.less_equal(part, lower, out=work.low_side[:size])
         np.bitwise_or(work.mask[:size], work.low_side[:size], out=work.mask[:size])
-        found = np.flatnonzero(work.mask[:size])
+        found = _set_positions(work.mask, size)
         end = count + found.size
         if end > values.size:
             indices, values = work.candidates(gradient.dtype, end, count)
