@@ -415,7 +415,9 @@ def test_sample_bracket_matches_a_sorted_sample(kind, m):
 
 @pytest.mark.parametrize("where", ["inside", "misses low", "misses high", "mostly tied"])
 @pytest.mark.parametrize("rank_share", [0.0, 0.5, 0.95, 1.0])
-def test_bracketed_partition_matches_a_sort_and_falls_back_when_the_sample_misleads(where, rank_share, monkeypatch):
+def test_bracketed_partition_matches_a_sort_and_falls_back_when_the_sample_misleads(
+    where, rank_share, monkeypatch
+):
     """``_pair_in_bracket`` partitions only the entries inside its sampled bracket when both ranks lie
     there; a sample that misleads (its strided positions planted far above or below the rest) or a
     bracket holding most of the array makes it partition the whole array. The answer is a sort's."""
