@@ -376,12 +376,10 @@ def gather_entries(p: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | N
 def scatter_entries(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     """``p.flatten()[indices] = values`` in place (distinct indices), bumping ``p``'s autograd
     version as torch's own in-place ops do."""
-    if not _plain_cpu(
-        p, indices, values
-    ):  # index_put_ honours torch.use_deterministic_algorithms, unlike put_
-        p.view(-1).index_put_((indices,), values)
-    elif torch.get_num_threads() > 1:  # deterministic: the indices are distinct
-        p.view(-1).index_copy_(0, indices, values)
+    if not _plain_cpu(p, indices, values):
+        p.view(-1).index_put_((indices,), values)  # honours torch.use_deterministic_algorithms, unlike put_
+    elif torch.get_num_threads() > 1:
+        p.view(-1).index_copy_(0, indices, values)  # deterministic: the indices are distinct
     else:
         p.detach().view(-1).numpy()[indices.numpy()] = values.numpy()
         increment_version(p)
