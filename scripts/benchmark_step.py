@@ -272,8 +272,9 @@ def report_optimizers(result: dict, args) -> None:
         medians["ZSAM (released code)"],
     )
     print(
-        f"ZSAM (ours) / fastest other SAM: {ours / fastest_other:.3f} (goal <= 1.05); our SAM / fastest other "
-        f"SAM: {our_sam / fastest_other:.3f} (goal <= 1.00); released code / our ZSAM: {released / ours:.3f}"
+        f"ZSAM (ours) / SAM (ours): {ours / our_sam:.3f} (goal <= 1.03); ZSAM (ours) / fastest other SAM: "
+        f"{ours / fastest_other:.3f} (goal <= 1.05); our SAM / fastest other SAM: {our_sam / fastest_other:.3f} "
+        f"(goal <= 1.00); released code / our ZSAM: {released / ours:.3f}"
     )
 
 

@@ -246,6 +246,29 @@ def test_the_step_benchmark_runs_through_the_trainer_and_prints_its_ratio(tmp_pa
     assert (tmp_path / "step.json").stat().st_size > 0
 
 
+def test_the_optimizer_benchmark_runs_every_sam_and_prints_zsam_against_our_sam():
+    """A shrunk ``--mode optimizer`` run: every row (ours, the re-created ones, pytorch_optimizer's) steps, and
+    the summary gives ZSAM against our SAM (the issue's goal) and against the fastest other SAM."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from script_loader import ROOT
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), "--mode", "optimizer",
+         "--workloads", "resnet10t@16x2", "--steps", "1", "--rounds", "1", "--warmup", "1"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    for row in ["SAM (ours", "ZSAM (ours)", "ZSAM (released code)", "SAM (davda54", "SAM (pytorch_optimizer)"]:
+        assert row in done.stdout
+    ratio = re.search(r"ZSAM \(ours\) / SAM \(ours\): ([0-9.]+) \(goal <= 1.03\)", done.stdout)
+    assert ratio and float(ratio.group(1)) > 0, done.stdout
+
+
 def test_step_benchmark_phases_add_up_to_the_step(tmp_path):
     """``--phases``: SAM's and ZSAM's steps split into ascent forward/backward, perturb, descent and restore;
     every timed phase was reached (positive), the descent (the step's remainder) too, page faults are counted
