@@ -263,7 +263,13 @@ def test_the_optimizer_benchmark_runs_every_sam_and_prints_zsam_against_our_sam(
         timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    for row in ["SAM (ours", "ZSAM (ours)", "ZSAM (released code)", "SAM (davda54", "SAM (pytorch_optimizer)"]:
+    for row in [
+        "SAM (ours",
+        "ZSAM (ours)",
+        "ZSAM (released code)",
+        "SAM (davda54",
+        "SAM (pytorch_optimizer)",
+    ]:
         assert row in done.stdout
     ratio = re.search(r"ZSAM \(ours\) / SAM \(ours\): ([0-9.]+) \(goal <= 1.03\)", done.stdout)
     assert ratio and float(ratio.group(1)) > 0, done.stdout
