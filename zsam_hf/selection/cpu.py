@@ -14,10 +14,10 @@ For each large tensor:
 
 If the bound misses (lies above the quantile), an exact full selection takes over for that
 tensor: the answer never depends on the sample. Selections go through NumPy's ``partition``
-(vectorized, an order of magnitude faster than ``torch.kthvalue`` on a CPU), positions through
-``np.flatnonzero`` (faster than ``torch.nonzero``, and than any word-by-word scheme at every density
-from 0.5% to 30%, on NumPy 2.0 and 2.4), and the kept set's order statistics are selected in the
-band of candidates under the sample's upper bound.
+(both ranks at once, narrowed first by a sample: ``order_statistics.adjacent_in_array``), positions
+through ``np.flatnonzero`` on a padded mask (``_set_positions``; faster than ``torch.nonzero``, and
+than any word-by-word scheme at every density from 0.5% to 30%, on NumPy 2.0 and 2.4), and the kept
+set's order statistics are selected in the band of candidates under the sample's upper bound.
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def _candidates(
 
     One pass over cache-sized chunks compares g itself with the two ``_outside_bounds``. One thread:
     a helper thread collecting half of each large tensor (NumPy alone, the GIL released in its loops)
-    made the selection slower at 2 threads, not faster (docs/performance.md).
+    made the selection slower at 2 threads, not faster. After each parallel torch op (the means, the
+    backward pass) the OpenMP worker spins on the other core for milliseconds, so the helper shares
+    that core with it (docs/performance.md).
     """
     lower, upper = _outside_bounds(mean, low, gradient.dtype)
     count = 0
