@@ -29,19 +29,22 @@ import numpy as np
 import torch
 
 from .order_statistics import (
-    TIE_PROBE,
+    BRACKET_SIGMAS,
     Kept,
     adjacent_in_array,
     as_float,
+    bracket_ranks,
     coprime_stride,
     heavily_tied,
+    integer_keys,
+    partitioned,
+    probe_is_tied,
     quantile_ranks,
 )
 from .reuse import KeptBuffers
 
 # Largest sample drawn to bracket a quantile; tensors up to SMALL_TENSOR take an exact selection.
 MAX_SAMPLE = 1 << 16
-BRACKET_SIGMAS = 3.5
 SMALL_TENSOR = 1 << 16
 # Entries compared at a time: the chunk and its masks stay in a core's L2 cache for the gathers.
 CHUNK = 1 << 17
@@ -195,14 +198,13 @@ def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bo
     almost everywhere (a partition's worst case, see ``adjacent_in_array``) is sorted whole.
     """
     m = sample.size
-    centre = q * (m - 1)
-    margin = int(BRACKET_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
-    first, last = max(0, math.floor(centre) - margin), min(m - 1, math.ceil(centre) + margin)
-    keys = sample.view(np.int32 if sample.itemsize == 4 else np.int64)  # non-negative: ordered as integers
-    if heavily_tied(np.sort(keys[:: coprime_stride(m // TIE_PROBE)])):
+    first, last = bracket_ranks(m, q, BRACKET_SIGMAS)
+    first, last = max(0, first), min(m - 1, last)
+    keys = integer_keys(sample)  # non-negative: ordered as integers
+    if probe_is_tied(keys):
         ordered = np.sort(keys)
     else:
-        ordered = np.partition(keys, (first, last) if last > first else first)
+        ordered = partitioned(keys, first, last)
         ordered[first:].sort()
     ordered = ordered.view(sample.dtype)
     return ordered[first], ordered[last], heavily_tied(ordered[first:])

@@ -22,8 +22,9 @@ TIE_PROBE = 1 << 9
 TIED_SHARE = 1 / 16
 # Above this many entries a CPU partition first narrows to a sampled bracket (``_pair_in_bracket``).
 BRACKET_ON_CPU = 1 << 13
-# How wide that bracket is: binomial rank deviations of the sample either side of the rank.
-SAMPLE_SIGMAS = 3.5
+# How wide a sampled bracket is: binomial rank deviations of the sample either side of the rank
+# (``bracket_ranks``; the CPU filter's bracket of the quantile and ``_pair_in_bracket``).
+BRACKET_SIGMAS = 3.5
 # Strides of a probe (or sample) avoid these primes, so it never locks onto a kernel's row or tap.
 _SMALL_PRIMES = 2 * 3 * 5 * 7
 
@@ -59,11 +60,9 @@ def adjacent_in_array(
     than its one-rank one in most of our runs).  Non-negative floats are ordered as their
     bit patterns read as integers, which NumPy partitions faster.
     """
-    keys = arr.view(np.int32 if arr.itemsize == 4 else np.int64) if nonnegative else arr
+    keys = integer_keys(arr) if nonnegative else arr
     if tied is None:
-        tied = keys.size <= SORT_ON_CPU or heavily_tied(
-            np.sort(keys[:: coprime_stride(keys.size // TIE_PROBE)])
-        )
+        tied = keys.size <= SORT_ON_CPU or probe_is_tied(keys)
     upper_rank = min(rank + 1, keys.size - 1)
     if tied:
         ordered = np.sort(keys)
@@ -76,9 +75,33 @@ def adjacent_in_array(
     return pair[0], pair[1]
 
 
+def integer_keys(arr: np.ndarray) -> np.ndarray:
+    """Non-negative floats viewed as integers of their width: the same order, partitioned faster."""
+    return arr.view(np.int32 if arr.itemsize == 4 else np.int64)
+
+
+def probe_is_tied(keys: np.ndarray) -> bool:
+    """Whether a strided probe of TIE_PROBE entries says ``keys`` is heavily tied (a sort then beats a partition)."""
+    return heavily_tied(np.sort(keys[:: coprime_stride(keys.size // TIE_PROBE)]))
+
+
+def bracket_ranks(m: int, share: float, sigmas: float = BRACKET_SIGMAS) -> tuple[int, int]:
+    """Ranks of a sample of ``m`` entries ``sigmas`` binomial rank deviations (and 2 more) either side of
+    ``share`` (m - 1), unclamped: the order statistics there bound the array's ``share`` quantile with
+    overwhelming probability."""
+    centre = share * (m - 1)
+    margin = int(sigmas * math.sqrt(m * share * (1 - share))) + 2
+    return math.floor(centre) - margin, math.ceil(centre) + margin
+
+
+def partitioned(keys: np.ndarray, rank: int, upper_rank: int) -> np.ndarray:
+    """A copy of ``keys`` partitioned at ``rank`` and ``upper_rank`` (>= rank) at once."""
+    return np.partition(keys, (rank, upper_rank) if upper_rank > rank else rank)
+
+
 def _partitioned_pair(keys: np.ndarray, rank: int, upper_rank: int) -> tuple[np.generic, np.generic]:
     """Order statistics ``rank`` and ``upper_rank`` (= rank or rank + 1) of ``keys``: one partition at both."""
-    part = np.partition(keys, (rank, upper_rank) if upper_rank > rank else rank)
+    part = partitioned(keys, rank, upper_rank)
     return part[rank], part[upper_rank]
 
 
@@ -95,10 +118,7 @@ def _pair_in_bracket(keys: np.ndarray, rank: int, upper_rank: int) -> tuple[np.g
     stride = coprime_stride(n // int(n ** (2 / 3)))
     sample = keys[stride // 2 :: stride]
     m = sample.size
-    share = rank / (n - 1)
-    centre = share * (m - 1)
-    margin = int(SAMPLE_SIGMAS * math.sqrt(m * share * (1 - share))) + 2
-    first, last = math.floor(centre) - margin, math.ceil(centre) + margin
+    first, last = bracket_ranks(m, rank / (n - 1))
     if first <= 0 and last >= m - 1:  # the bracket would hold the whole sample
         return _partitioned_pair(keys, rank, upper_rank)
     # A bracket reaching an end of the sample is open there: no entry lies outside it on that side.

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .order_statistics import adjacent_order_statistics, quantile_ranks
+from .order_statistics import adjacent_order_statistics, bracket_ranks, quantile_ranks
 
 SAMPLE_PER_TENSOR = 4096
 BRACKET_SIGMAS = 4.0
@@ -65,12 +65,9 @@ def _bracket(sample: torch.Tensor, q: float) -> tuple[float, float]:
     m = sample.numel()
     if m == 0:
         return -math.inf, math.inf
-    centre = q * (m - 1)
-    margin = int(BRACKET_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
+    first, last = bracket_ranks(m, q, BRACKET_SIGMAS)
     ordered = torch.sort(sample).values
-    return float(ordered[max(0, math.floor(centre) - margin)]), float(
-        ordered[min(m - 1, math.ceil(centre) + margin)]
-    )
+    return float(ordered[max(0, first)]), float(ordered[min(m - 1, last)])
 
 
 def sharded_thresholds(

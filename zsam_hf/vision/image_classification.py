@@ -393,6 +393,15 @@ def run(
     return RunResult(trainer, metrics, labels)
 
 
+def end_process_group() -> None:
+    """Destroy the process group a launched run joined, before the interpreter exits: gloo's worker threads
+    left to interpreter exit can abort a finished process with SIGABRT (pytorch/pytorch#179291)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 __all__ = [
     "BuiltRun",
     "DataArguments",
@@ -404,15 +413,7 @@ __all__ = [
     "SetupError",
     "build_model_from_arguments",
     "build_trainer",
+    "end_process_group",
     "prepare_data",
     "run",
 ]
-
-
-def end_process_group() -> None:
-    """Destroy the process group a launched run joined, before the interpreter exits: gloo's worker threads
-    left to interpreter exit can abort a finished process with SIGABRT (pytorch/pytorch#179291)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
