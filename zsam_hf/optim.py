@@ -23,11 +23,13 @@ the very code the Trainer's step runs, so both give the same weights on the same
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
+from .capturable import check_capturable
 from .perturbation import DEFAULT_RHO, NORMALIZATIONS, VARIANTS, AppliedPerturbation, SharpnessPerturbation
 from .sharding import all_reduce_mean
 
@@ -87,6 +89,11 @@ class ZSAM(torch.optim.Optimizer):
             own gradient, as in the SAM paper (take the ascent backward inside ``no_sync``).
         seed: with the number of base steps taken, what the random control's masks are drawn from
             (saved in ``state_dict``, so a resumed loop draws the same masks).
+        capturable: no host synchronization in ``first_step`` and ``second_step`` (zsam and sam), so
+            a CUDA graph can capture the whole two-pass step; passed on to the base optimizer when
+            it takes it (Adam, AdamW...). The weights between the passes live in a buffer per
+            parameter, as SAM's do: SAM's memory, not ZSAM's 0.15x (docs/own-loop.md). A
+            non-finite ascent gradient climbs by e = 0 and ``last_perturbation_norm`` is 0.
 
     ``param_groups`` are the base optimizer's own, so a learning-rate scheduler built on either
     drives both. ``state_dict()`` holds the base optimizer's state and Friendly-SAM's average.
@@ -106,9 +113,14 @@ class ZSAM(torch.optim.Optimizer):
         fsam_lambda: float = 0.9,
         sync_ascent: bool = False,
         seed: int = 0,
+        capturable: bool = False,
         **base_optimizer_kwargs,
     ):
         _check_arguments(base_optimizer, variant, rho, quantile, normalization)
+        if capturable:
+            check_capturable(variant)
+            if "capturable" in inspect.signature(base_optimizer).parameters:
+                base_optimizer_kwargs["capturable"] = True
         groups, self._names, named = _named_groups(params)
         if variant == "asam" and not named:
             raise ValueError(
@@ -123,7 +135,7 @@ class ZSAM(torch.optim.Optimizer):
         self._ready = True
         self.perturbation = SharpnessPerturbation(
             variant=variant, rho=rho, quantile=quantile, normalization=normalization, asam_eta=asam_eta,
-            fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda, seed=seed,
+            fsam_sigma=fsam_sigma, fsam_lambda=fsam_lambda, seed=seed, capturable=capturable,
         )  # fmt: skip
         self._steps = 0  # base steps taken: with ``seed``, what the random control's masks are drawn from
         self.sync_ascent = sync_ascent

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
+from .capturable import capturable_ascent, check_capturable
 from .selection import (
     Kept,
     KeptBuffers,
@@ -416,6 +417,13 @@ def _move_to_buffers(
     else:  # few kernel launches for many tensors
         torch._foreach_copy_(buffers, params)
         torch._foreach_add_(buffers, offsets)
+    return _point_at(params, buffers)
+
+
+def _point_at(
+    params: list[torch.Tensor], buffers: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Point each parameter's data at its buffer; returns each parameter with its own data."""
     moved = []
     for p, b in zip(params, buffers):
         own = p.data
@@ -500,6 +508,8 @@ class SharpnessPerturbation:
     seed: int = 0  # the random control's masks: drawn from (seed, optimizer step)
     # The accelerator's selection (one topk per tensor, fixed shapes) on any device; default: by device.
     fixed_shape: bool = False
+    # No host synchronization in the ascent (``capturable.py``): a CUDA graph can capture the step.
+    capturable: bool = False
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
     _backups: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _kept_buffers: dict[str, KeptBuffers] = field(default_factory=dict, repr=False)
@@ -616,6 +626,8 @@ class SharpnessPerturbation:
         params = [params[i] for i in present]
         grads = [grads[i] for i in present]
         numels = [numels[i] for i in present] if numels is not None else None
+        if self.capturable:
+            return self._perturb_capturable(names, params, grads, shards)
         result = self._offsets(names, params, grads, shards, numels, step=step)
         if result is None:
             return AppliedPerturbation(), None
@@ -627,6 +639,26 @@ class SharpnessPerturbation:
             for n, p, o in zip(names, params, offsets)
         ]
         return apply_offsets(params, offsets, backups, move=shards is None), stats
+
+    def _perturb_capturable(
+        self, names: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], shards: Shards | None
+    ) -> tuple[AppliedPerturbation, PerturbationStats]:
+        """``perturb`` with no host synchronization (``capturable.py``): w + e in each parameter's reused
+        buffer, the parameter pointed at it until the restore. A non-finite ascent gradient gives e = 0
+        (the weights stay w) instead of no perturbation, since telling the two apart needs a host read."""
+        check_capturable(self.variant, shards)
+        for name, p in zip(names, params):
+            if not _can_move(p):
+                raise ValueError(
+                    f"capturable=True points each parameter at a buffer holding w + e between the passes, but "
+                    f"parameter {name!r} does not own its whole contiguous storage (a view into a larger "
+                    "buffer, a tensor subclass or a non-contiguous tensor): use capturable=False"
+                )
+        buffers = [self._backup_buffer(n, p) for n, p in zip(names, params)]
+        norm = capturable_ascent(
+            params, grads, buffers, self.variant, self.rho, self.quantile, self.normalization
+        )
+        return AppliedPerturbation(moved=_point_at(params, buffers)), PerturbationStats(norm=norm)
 
     def _kept_buffer(self, name: str) -> KeptBuffers:
         """The reused storage of one weight tensor's kept entries."""

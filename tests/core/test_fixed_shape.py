@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from checks import HostReads
 from reference import reference_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -127,29 +128,6 @@ def test_no_data_dependent_shape_and_no_host_synchronization():
     assert not ops.seen & forbidden, ops.seen & forbidden
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts what would synchronize an accelerator with the host: ``aten._local_scalar_dense`` (``.item()``,
-    ``bool()``), ``Tensor.tolist`` (read in C++, outside the dispatcher: counted by patching it) and the
-    data-dependent shapes of ``nonzero``."""
-
-    def __init__(self, monkeypatch):
-        super().__init__()
-        self.reads, self.nonzero = 0, 0
-        tolist = torch.Tensor.tolist
-
-        def counted(tensor):
-            self.reads += 1
-            return tolist(tensor)
-
-        monkeypatch.setattr(torch.Tensor, "tolist", counted)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.reads += name == "_local_scalar_dense"
-        self.nonzero += name in ("nonzero", "masked_select")
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("finite", [True, False])
 def test_the_accelerator_path_reads_the_host_once_per_step_as_sam_does(monkeypatch, finite):
     """Global ZSAM through the engine's fixed-shape path (what an accelerator runs): the finiteness of the
@@ -165,7 +143,7 @@ def test_the_accelerator_path_reads_the_host_once_per_step_as_sam_does(monkeypat
     counts = {}
     for variant in ("zsam", "sam"):
         engine = SharpnessPerturbation(variant=variant, fixed_shape=True)
-        with _HostReads(monkeypatch) as host:
+        with HostReads(monkeypatch) as host:
             applied, stats = engine.perturb(names, params, [g.clone() for g in grads])
             applied.restore()
         counts[variant] = (host.reads, host.nonzero)

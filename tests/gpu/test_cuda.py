@@ -8,7 +8,9 @@
 3. fp16 with the real GradScaler: one unscale per step, overflowing steps skipped, no NaN;
    bf16 autocast trains;
 4. the ZSAM optimizer in an accelerate fp16 loop (the README's recipe, accumulation 2): the
-   GradScaler unscales once per optimizer step, overflowing steps are skipped, no NaN.
+   GradScaler unscales once per optimizer step, overflowing steps are skipped, no NaN;
+5. the fixed-shape selection, and ``ZSAM(capturable=True)``'s whole two-pass step, run under sync debug
+   mode "error" and replay from a CUDA graph to the eager answer.
 """
 
 from __future__ import annotations
@@ -240,3 +242,64 @@ def test_the_fixed_shape_selection_runs_without_a_host_synchronization_and_insid
     assert torch.equal(
         torch.sort(captured.indices[captured.valid]).values, torch.sort(eager.indices[eager.valid]).values
     )
+
+
+def _capturable_zsam() -> tuple[nn.Module, ZSAM]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 10)
+    ).to(DEVICE)
+    return model, ZSAM(model.parameters(), torch.optim.AdamW, lr=1e-3, capturable=True)
+
+
+def _two_passes(model: nn.Module, optimizer: ZSAM, x: torch.Tensor, y: torch.Tensor) -> None:
+    F.cross_entropy(model(x), y).backward()
+    optimizer.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    optimizer.second_step(zero_grad=True)
+
+
+def test_a_capturable_zsam_step_has_no_host_synchronization_and_replays_from_one_cuda_graph() -> None:
+    """``ZSAM(..., capturable=True)`` around AdamW (built capturable by it): sync debug mode "error" passes
+    through whole eager steps, and one CUDA graph of the whole two-pass step (both forwards and backwards,
+    first_step, second_step) replays to the weights the eager steps reach."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (
+            torch.randn(32, 3, 8, 8, generator=gen).to(DEVICE),
+            torch.randint(0, 10, (32,), generator=gen).to(DEVICE),
+        )
+        for _ in range(6)
+    ]
+    model, optimizer = _capturable_zsam()
+    for x, y in batches[:3]:
+        _two_passes(model, optimizer, x, y)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in batches[3:]:
+            _two_passes(model, optimizer, x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager = [p.detach().clone() for p in model.parameters()]
+
+    model, optimizer = _capturable_zsam()
+    static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires: the same three steps
+        for x, y in batches[:3]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            _two_passes(model, optimizer, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _two_passes(model, optimizer, static_x, static_y)
+    for x, y in batches[3:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, model.parameters()):
+        torch.testing.assert_close(b.detach(), a, rtol=1e-4, atol=1e-5)

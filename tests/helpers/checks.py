@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zsam_hf.checkpoints import load_checkpoint_weights
 
@@ -50,3 +51,28 @@ def random_control_masks(grads: list[torch.Tensor], step: int, seed: int = 0, qu
             assert mask.sum() == reference_mask(g, quantile).sum()
         masks.append(mask.view(g.shape).numpy())
     return masks
+
+
+class HostReads(TorchDispatchMode):
+    """Counts what would synchronize an accelerator with the host: ``aten._local_scalar_dense`` (``.item()``,
+    ``bool()``), ``Tensor.tolist`` (read in C++, outside the dispatcher: counted by patching it) and the
+    data-dependent shapes of ``nonzero``; ``seen`` holds the name of every op dispatched."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads, self.nonzero = 0, 0
+        self.seen: set[str] = set()
+        tolist = torch.Tensor.tolist
+
+        def counted(tensor):
+            self.reads += 1
+            return tolist(tensor)
+
+        monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.seen.add(name)
+        self.reads += name == "_local_scalar_dense"
+        self.nonzero += name in ("nonzero", "masked_select")
+        return func(*args, **(kwargs or {}))
