@@ -15,6 +15,7 @@ import torch.nn as nn
 from checks import HostReads
 
 from zsam_hf import ZSAM
+from zsam_hf.capturable import capturable_ascent
 from zsam_hf.perturbation import SharpnessPerturbation
 
 FORBIDDEN = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2", "item", "index"}
@@ -172,3 +173,22 @@ def test_the_base_optimizer_is_built_capturable_when_it_takes_the_flag():
     assert adamw.base_optimizer.defaults["capturable"] is True
     sgd = ZSAM(model.parameters(), torch.optim.SGD, lr=0.1, capturable=True)  # SGD has no such flag
     assert "capturable" not in sgd.base_optimizer.defaults and sgd.perturbation.capturable
+
+
+@pytest.mark.parametrize("normalization", ["global", "tensor"])
+def test_the_whole_ascent_compiles_into_one_graph_and_gives_the_eager_weights(normalization):
+    """``torch.compile(fullgraph=True)`` traces ``capturable_ascent`` (selection, gates, writes) without a
+    graph break; the compiled function writes the same buffers, bit for bit."""
+    names, params, grads = _case(torch.float32)
+
+    def run(ascent):
+        buffers = [torch.empty_like(p) for p in params]
+        norm = ascent(params, [g.clone() for g in grads], buffers, "zsam", 0.05, 0.95, normalization)
+        return buffers, norm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(capturable_ascent, fullgraph=True, backend="aot_eager", dynamic=False)
+    (expected, expected_norm), (written, norm) = run(capturable_ascent), run(compiled)
+    for a, b in zip(expected, written):
+        assert torch.equal(a, b)
+    assert torch.equal(expected_norm, norm)
