@@ -48,6 +48,12 @@ def test_own_loop_learns_and_climbs_rho():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_captured_step_learns_with_the_capturable_ascent():
+    """On the CPU the step runs eagerly (no CUDA graphs here); ``tests/gpu`` captures the same step."""
+    losses = _load("captured_step").main()
+    assert losses[-1] < 0.5 * losses[0]
+
+
 def test_accelerate_loop_learns():
     assert _load("accelerate_loop").main() > 0.7
 
