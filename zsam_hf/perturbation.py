@@ -31,6 +31,7 @@ from .selection import (
     kept_and_flags,
     kept_entries_many,
     kept_entries_sharded,
+    kernel,
     quantile_ranks,
 )
 from .sharding import Shards
@@ -374,9 +375,38 @@ def gather_entries(p: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | N
     return out
 
 
+def _compiled_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the compiled loops (``selection/kernel.py``) can write ``p``'s entries at ``indices``."""
+    return _plain_cpu(p, indices, *others) and kernel.supports(p.detach().numpy())
+
+
+def climb_entries(
+    p: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """w + e at ``indices`` of ``p`` in place (e = ``offsets``, consumed); returns the original entries
+    (in ``out`` when given), which restore w bit for bit."""
+    if out is None:
+        out = torch.empty(indices.numel(), dtype=p.dtype, device=p.device)
+    if _compiled_cpu(p, indices, offsets, out):
+        kernel.climb(p.detach().view(-1).numpy(), indices.numpy(), offsets.numpy(), out.numpy())
+        increment_version(p)
+        return out
+    original = gather_entries(p, indices, out)
+    if offsets.dtype == p.dtype:
+        moved = offsets.add_(original)  # in place: no temporary of the kept size
+    else:
+        moved = original + offsets.to(p.dtype)
+    scatter_entries(p, indices, moved)
+    return original
+
+
 def scatter_entries(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     """``p.flatten()[indices] = values`` in place (distinct indices), bumping ``p``'s autograd
     version as torch's own in-place ops do."""
+    if _compiled_cpu(p, indices, values):
+        kernel.put(p.detach().view(-1).numpy(), indices.numpy(), values.numpy())
+        increment_version(p)
+        return
     if not _plain_cpu(p, indices, values):
         p.view(-1).index_put_((indices,), values)  # honours torch.use_deterministic_algorithms, unlike put_
     elif torch.get_num_threads() > 1:
@@ -457,12 +487,7 @@ def apply_offsets(
     for i, (p, offset) in enumerate(zip(params, offsets)):
         if isinstance(offset, SparseOffset) and p.is_contiguous():
             backup = backups[i] if backups is not None else None
-            original = gather_entries(p, offset.indices, backup)
-            if offset.values.dtype == p.dtype:
-                moved = offset.values.add_(original)  # in place: no temporary of the kept size
-            else:
-                moved = original + offset.values.to(p.dtype)
-            scatter_entries(p, offset.indices, moved)
+            original = climb_entries(p, offset.indices, offset.values, backup)
             applied.params.append(p)
             applied.saved.append(SparseOffset(offset.indices, original))
             continue

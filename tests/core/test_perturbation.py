@@ -613,15 +613,20 @@ def test_the_band_is_used_only_when_it_holds_both_order_statistics():
     assert whole is d
 
 
+@pytest.mark.parametrize("loops", ["compiled", "NumPy and torch"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_scattered_reads_and_writes_match_torch_and_bump_the_autograd_version(dtype, threads, monkeypatch):
-    """``gather_entries``/``scatter_entries`` (NumPy at one thread, torch's gather and index_copy_ at more)
-    equal ``take``/``index_put_``, and a write bumps the parameter's version as an in-place torch op
-    does (autograd's stale-tensor check)."""
-    from zsam_hf.perturbation import gather_entries, scatter_entries
+def test_scattered_reads_and_writes_match_torch_and_bump_the_autograd_version(
+    dtype, threads, loops, monkeypatch
+):
+    """``gather_entries``/``scatter_entries``/``climb_entries`` (the compiled loops for float32 and float64;
+    else NumPy at one thread, torch's gather and index_copy_ at more) equal ``take``/``index_put_``, and a
+    write bumps the parameter's version as an in-place torch op does (autograd's stale-tensor check)."""
+    from zsam_hf.perturbation import climb_entries, gather_entries, scatter_entries
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # which path, not how many threads run
+    if loops != "compiled":
+        monkeypatch.setenv("ZSAM_HF_KERNEL", "0")
     gen = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(torch.randn(64, 33, generator=gen).to(dtype))
     indices = torch.randperm(p.numel(), generator=gen)[:200].sort().values
@@ -635,3 +640,9 @@ def test_scattered_reads_and_writes_match_torch_and_bump_the_autograd_version(dt
         scatter_entries(p, indices, values)
     assert torch.equal(p.detach(), expected)
     assert p._version > version
+    offsets = torch.randn(200, generator=gen).to(dtype)
+    climbed = p.detach().clone().view(-1).index_put_((indices,), offsets + values).view(p.shape)
+    version = p._version
+    with torch.no_grad():
+        saved = climb_entries(p, indices, offsets.clone())
+    assert torch.equal(p.detach(), climbed) and torch.equal(saved, values) and p._version > version

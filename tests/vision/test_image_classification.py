@@ -184,8 +184,9 @@ def test_card_metadata_for_a_fine_tuned_hub_model():
     assert "fine-tuned version of [google/vit-base-patch16-224-in21k]" in card
 
 
-def test_a_built_wheel_carries_the_card_template_and_renders_cards(tmp_path):
-    """A regular (non-editable) install has no repository around it: the template must ship inside."""
+def test_a_built_wheel_carries_the_card_template_and_the_c_loops(tmp_path):
+    """A regular (non-editable) install has no repository around it: the template and the C source of the
+    CPU filter's loops must ship inside."""
     root = ROOT
     subprocess.run(
         [
@@ -210,7 +211,8 @@ def test_a_built_wheel_carries_the_card_template_and_renders_cards(tmp_path):
     probe = (
         "import zsam_hf.card as c; "
         "print(c.__file__); "
-        "print(c.render_model_card(c.CardContext(model_name='m', sam={'sam_variant': 'zsam'}, training={})))"
+        "print(c.render_model_card(c.CardContext(model_name='m', sam={'sam_variant': 'zsam'}, training={}))); "
+        "from zsam_hf.selection import kernel; print('compiled loops from', kernel.SOURCE, kernel.library())"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe],
@@ -222,6 +224,8 @@ def test_a_built_wheel_carries_the_card_template_and_renders_cards(tmp_path):
     ).stdout
     assert out.startswith(str(tmp_path / "site"))  # the wheel's copy, not the repository's
     assert "Z-Score Filtered Sharpness-Aware Minimization" in out and "trained from scratch" in out
+    # the C source ships in the wheel, and is built from there
+    assert f"compiled loops from {tmp_path / 'site'}" in out and "CDLL" in out
 
 
 def test_command_in_card_never_carries_a_token():

@@ -1,0 +1,169 @@
+"""The compiled loops of the CPU filter (``zsam_hf/selection/entries.c``, loaded by ``kernel.py``).
+
+Each loop against NumPy doing the same thing, on the entries that break comparisons (NaN, infinities,
+signed zeros, subnormals, entries equal to a bound), at lengths around the 16-entry vector, with output
+buffers small enough to stop the pass many times; the collecting loop in its AVX-512 version and its
+portable one. Then the whole filter and the engine with the loops and without them (``ZSAM_HF_KERNEL=0``,
+or a compiler that fails): the same kept entries and the same weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from zsam_hf.perturbation import SharpnessPerturbation
+from zsam_hf.selection import cpu, kept_entries_many, kernel
+
+
+@pytest.fixture(params=["avx512", "portable"])
+def collecting_loop(request):
+    if request.param == "avx512" and not kernel.use_avx512(True):
+        pytest.skip("this CPU has no AVX-512: the portable loop is the one that runs")  # both run on CI's
+    yield kernel.use_avx512(request.param == "avx512")
+    kernel.use_avx512(True)
+
+
+def test_the_loops_are_built_where_there_is_a_c_compiler():
+    assert shutil.which("cc") or shutil.which("gcc"), "this machine has no C compiler"
+    assert kernel.library() is not None
+
+
+def _awkward(n: int, dtype, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(n).astype(dtype)
+    specials = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, np.finfo(dtype).smallest_subnormal, 1.5, -1.5])
+    where = rng.integers(0, max(n, 1), size=min(n, 40))
+    g[where] = rng.choice(specials.astype(dtype), size=where.size)
+    return g
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 31, 1000, 262_147])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bounds", [(-1.5, 1.5), (-np.inf, np.inf), (0.0, -0.0), (-0.01, 0.01)])
+def test_collect_finds_what_numpy_finds(collecting_loop, n, dtype, bounds):
+    """Bounds equal to entries (1.5), at the infinities (only infinities qualify), crossed (every entry
+    qualifies) and narrow; NaN never qualifies. Buffers of 37 entries make the pass stop and resume."""
+    g = _awkward(n, dtype, seed=n)
+    lower, upper = (dtype(b) for b in bounds)
+    want = np.flatnonzero((g >= upper) | (g <= lower))
+    indices, values = np.empty(37, dtype=np.int64), np.empty(37, dtype=dtype)
+    found_indices, found_values, start = [], [], 0
+    while start < n or not found_indices:
+        written, start = kernel.collect(g, start, lower, upper, indices, values)
+        found_indices.append(indices[:written].copy())
+        found_values.append(values[:written].copy())
+        if n == 0:
+            break
+    np.testing.assert_array_equal(np.concatenate(found_indices), want)
+    np.testing.assert_array_equal(np.concatenate(found_values), g[want])  # NaN-free: want has no NaN
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_climb_and_put_do_what_numpy_indexing_does(dtype):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(5000).astype(dtype)
+    w[7] = -0.0
+    indices = np.sort(rng.choice(5000, size=300, replace=False)).astype(np.int64)
+    indices[0] = 7
+    offsets = rng.standard_normal(300).astype(dtype)
+    expected = w.copy()
+    expected[indices] = offsets + w[indices]
+    original, saved = w.copy(), np.empty(300, dtype=dtype)
+    kernel.climb(w, indices, offsets, saved)
+    np.testing.assert_array_equal(w, expected)
+    np.testing.assert_array_equal(saved, original[indices])
+    kernel.put(w, indices, saved)
+    assert w.tobytes() == original.tobytes()  # bit for bit, -0.0 included
+
+
+def _gradients() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    ties = torch.randint(-3, 4, (600, 300), generator=gen).float()
+    heavy = torch.randn(700, 400, generator=gen) ** 5
+    return {
+        "normal float32": torch.randn(512, 256, 3, 3, generator=gen),
+        "float64": torch.randn(300, 400, generator=gen, dtype=torch.float64),
+        "few values": ties,
+        "heavy tails": heavy,
+        "float16 (NumPy path)": torch.randn(300, 300, generator=gen).half(),
+    }
+
+
+def _kept(grads, quantile):
+    return [(i.numpy().copy(), v.float().numpy().copy()) for i, v in kept_entries_many(grads, quantile)]
+
+
+@pytest.mark.parametrize("quantile", [0.5, 0.95, 0.99])
+def test_the_filter_keeps_the_same_entries_with_and_without_the_loops(collecting_loop, quantile, monkeypatch):
+    grads = list(_gradients().values())
+    compiled = _kept(grads, quantile)
+    monkeypatch.setenv("ZSAM_HF_KERNEL", "0")
+    assert kernel.library() is None
+    plain = _kept(grads, quantile)
+    for (ci, cv), (pi, pv) in zip(compiled, plain):
+        np.testing.assert_array_equal(ci, pi)
+        np.testing.assert_array_equal(cv, pv)
+
+
+def test_the_engine_climbs_and_restores_the_same_bits_with_and_without_the_loops(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(256, 128, 3, 3), (300, 400), (64,), (10, 10)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    names = [f"p{i}" for i in range(len(shapes))]
+
+    def climbed() -> list[torch.Tensor]:
+        weights = [p.clone() for p in params]
+        applied, _ = SharpnessPerturbation().perturb(names, weights, [g.clone() for g in grads])
+        at = [w.clone() for w in weights]
+        applied.restore()
+        assert all(torch.equal(w, p) for w, p in zip(weights, params))
+        return at
+
+    compiled = climbed()
+    monkeypatch.setenv("ZSAM_HF_KERNEL", "0")
+    for a, b in zip(compiled, climbed()):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_build_falls_back_to_numpy_with_the_same_answer(monkeypatch, tmp_path):
+    """A compiler that fails (here ``false``) leaves no library and the NumPy path, not an error."""
+    grads = list(_gradients().values())[:2]
+    expected = _kept(grads, 0.95)
+    monkeypatch.setenv("CC", shutil.which("false"))
+    monkeypatch.setenv("ZSAM_HF_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel, "_loaded", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setattr(kernel, "_cache_dirs", lambda: [tmp_path])
+    assert kernel.library() is None
+
+    def unused(*args, **kwargs):
+        raise AssertionError("the compiled loop ran without a library")
+
+    monkeypatch.setattr(kernel, "collect", unused)
+    for (ei, ev), (gi, gv) in zip(expected, _kept(grads, 0.95)):
+        np.testing.assert_array_equal(ei, gi)
+        np.testing.assert_array_equal(ev, gv)
+
+
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernel, "_cache_dirs", lambda: [tmp_path])
+    first = kernel._build(kernel._compiler())
+    assert first is not None and first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert kernel._build(kernel._compiler()) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial file left behind
+
+
+def test_the_workspace_regrows_when_the_candidates_overflow_it():
+    """A gradient whose bounds let every entry in: the first buffer (an eighth of it) fills, grows, and the
+    pass resumes where it stopped."""
+    g = np.random.default_rng(3).standard_normal(300_000).astype(np.float32)
+    work = cpu._Workspace()
+    indices, values = cpu._candidates_compiled(g, np.float32(np.inf), np.float32(-np.inf), work)
+    np.testing.assert_array_equal(indices, np.arange(g.size))
+    np.testing.assert_array_equal(values, g)

@@ -1,0 +1,107 @@
+/* The CPU filter's two memory-bound loops, compiled at first use by zsam_hf/selection/kernel.py.
+
+   collect: the entries of a gradient outside [lower, upper] (its candidates), with their flat indices,
+   in one pass. NumPy needs five passes over each chunk for this (two comparisons, an or, the positions,
+   a gather), and its positions loop costs 1.35 cycles an entry; here AVX-512 compares and compresses
+   16 entries at a time, where the CPU has it (chosen at run time), and a branch-free loop elsewhere.
+
+   climb / put: w + e written at the kept entries with the originals saved, and the originals written
+   back: one loop each, where NumPy and torch take a gather, an add and a scatter.
+
+   Everything is exact: comparisons and one addition per entry, in the gradient's own type. */
+
+#include <stdint.h>
+
+#define COLLECT_SCALAR(T)                                                                              \
+    for (; i < n && c < capacity; i++) {                                                               \
+        T v = g[i];                                                                                    \
+        idx[c] = i;                                                                                    \
+        val[c] = v;                                                                                    \
+        c += (v >= upper) | (v <= lower);                                                              \
+    }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+__attribute__((target("avx512f"))) static int64_t collect_f32_avx512(
+    const float *g, int64_t i, int64_t n, float lower, float upper, int64_t *idx, float *val,
+    int64_t capacity, int64_t *stop) {
+    int64_t c = 0;
+    const __m512 lo = _mm512_set1_ps(lower), hi = _mm512_set1_ps(upper);
+    const __m512i eight = _mm512_set1_epi64(8);
+    __m512i first = _mm512_add_epi64(_mm512_set1_epi64(i), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+    for (; i + 16 <= n && c + 16 <= capacity; i += 16) {
+        __m512 v = _mm512_loadu_ps(g + i);
+        __mmask16 m = _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ) | _mm512_cmp_ps_mask(v, lo, _CMP_LE_OQ);
+        __m512i second = _mm512_add_epi64(first, eight);
+        if (m) { /* compress into a register, then store: the compressing store is slow on some CPUs */
+            __mmask8 low_half = (__mmask8)m, high_half = (__mmask8)(m >> 8);
+            int in_low = __builtin_popcount(low_half);
+            _mm512_storeu_ps(val + c, _mm512_maskz_compress_ps(m, v));
+            _mm512_storeu_si512((void *)(idx + c), _mm512_maskz_compress_epi64(low_half, first));
+            _mm512_storeu_si512((void *)(idx + c + in_low), _mm512_maskz_compress_epi64(high_half, second));
+            c += in_low + __builtin_popcount(high_half);
+        }
+        first = _mm512_add_epi64(second, eight);
+    }
+    COLLECT_SCALAR(float)
+    *stop = i;
+    return c;
+}
+
+static int has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+}
+#else
+static int has_avx512(void) { return 0; }
+#endif
+
+/* The entries of g[start:n] with g <= lower or g >= upper (NaN is neither): flat index and value, from
+   idx[0] and val[0]. Stops before the output could pass capacity; *stop is where it stopped. Returns the
+   count written. */
+static int use_avx512 = -1; /* -1: not asked yet */
+
+int64_t collect_f32(const float *g, int64_t start, int64_t n, float lower, float upper, int64_t *idx,
+                    float *val, int64_t capacity, int64_t *stop) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use_avx512 < 0) use_avx512 = has_avx512();
+    if (use_avx512) return collect_f32_avx512(g, start, n, lower, upper, idx, val, capacity, stop);
+#endif
+    int64_t i = start, c = 0;
+    COLLECT_SCALAR(float)
+    *stop = i;
+    return c;
+}
+
+int64_t collect_f64(const double *g, int64_t start, int64_t n, double lower, double upper, int64_t *idx,
+                    double *val, int64_t capacity, int64_t *stop) {
+    int64_t i = start, c = 0;
+    COLLECT_SCALAR(double)
+    *stop = i;
+    return c;
+}
+
+#define CLIMB_AND_PUT(T, SUFFIX)                                                                       \
+    /* w[idx[j]] becomes e[j] + w[idx[j]] (the engine's rounding), its original saved in saved[j]. */  \
+    void climb_##SUFFIX(T *w, const int64_t *idx, const T *e, T *saved, int64_t k) {                   \
+        for (int64_t j = 0; j < k; j++) {                                                              \
+            T original = w[idx[j]];                                                                    \
+            saved[j] = original;                                                                       \
+            w[idx[j]] = e[j] + original;                                                               \
+        }                                                                                              \
+    }                                                                                                  \
+    /* w[idx[j]] = values[j]. */                                                                       \
+    void put_##SUFFIX(T *w, const int64_t *idx, const T *values, int64_t k) {                          \
+        for (int64_t j = 0; j < k; j++) w[idx[j]] = values[j];                                         \
+    }
+
+CLIMB_AND_PUT(float, f32)
+CLIMB_AND_PUT(double, f64)
+
+/* Whether collect_f32 runs its AVX-512 version; ``allow`` 0 makes it take the portable loop (the tests
+   run both), 1 lets it take AVX-512 where the CPU has it. */
+int zsam_entries_avx512(int allow) {
+    use_avx512 = allow && has_avx512();
+    return use_avx512;
+}
