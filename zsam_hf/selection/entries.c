@@ -34,14 +34,15 @@ __attribute__((target("avx512f"))) static int64_t collect_f32_avx512(
         __m512 v = _mm512_loadu_ps(g + i);
         __mmask16 m = _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ) | _mm512_cmp_ps_mask(v, lo, _CMP_LE_OQ);
         __m512i second = _mm512_add_epi64(first, eight);
-        if (m) { /* compress into a register, then store: the compressing store is slow on some CPUs */
-            __mmask8 low_half = (__mmask8)m, high_half = (__mmask8)(m >> 8);
-            int in_low = __builtin_popcount(low_half);
-            _mm512_storeu_ps(val + c, _mm512_maskz_compress_ps(m, v));
-            _mm512_storeu_si512((void *)(idx + c), _mm512_maskz_compress_epi64(low_half, first));
-            _mm512_storeu_si512((void *)(idx + c + in_low), _mm512_maskz_compress_epi64(high_half, second));
-            c += in_low + __builtin_popcount(high_half);
-        }
+        /* Compress into registers, then store, even when nothing is set: a third of the blocks of 16 hold
+           no candidate at ZSAM's density, so a branch on it mispredicts often (the loop was 1.7x slower),
+           and the compressing store is slow on some CPUs. */
+        __mmask8 low_half = (__mmask8)m, high_half = (__mmask8)(m >> 8);
+        int in_low = __builtin_popcount(low_half);
+        _mm512_storeu_ps(val + c, _mm512_maskz_compress_ps(m, v));
+        _mm512_storeu_si512((void *)(idx + c), _mm512_maskz_compress_epi64(low_half, first));
+        _mm512_storeu_si512((void *)(idx + c + in_low), _mm512_maskz_compress_epi64(high_half, second));
+        c += in_low + __builtin_popcount(high_half);
         first = _mm512_add_epi64(second, eight);
     }
     COLLECT_SCALAR(float)
