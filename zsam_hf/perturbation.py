@@ -338,11 +338,13 @@ class AppliedPerturbation:
         return total
 
 
-# A plain CPU tensor's scattered entries: at one thread NumPy reads and writes them 2-3x faster than
-# torch.take and index_put_ (a ResNet-18's 5% of 11M entries: 6 ms of a step instead of 12). With more
-# threads, torch.gather and index_copy_ split the entries between them, and the other threads would
-# otherwise wait: a cold 2.4M-entry weight, 5% of it, 2 threads: 3.0 and 2.2 ns an entry against NumPy's
-# 3.6 (docs/performance.md).
+# A plain CPU tensor's scattered entries. The climb to w + e (read, add, write) takes the compiled loop
+# (selection/kernel.py) where there is one: 2.5 ms for a ResNet-18's 5% of 11M entries, where a gather, an
+# add and a scatter took 4.3 at one thread and 5.6 at two. The restore's writes take it at one thread; at
+# more, torch's index_copy_ splits them between the threads (3.0 ms against the loop's 3.9 at two threads).
+# Without the compiled loops: NumPy at one thread (2-3x faster than torch.take and index_put_), torch's
+# gather and index_copy_ at more (a cold 2.4M-entry weight, 5% of it, 2 threads: 3.0 and 2.2 ns an entry
+# against NumPy's 3.6). Figures: docs/performance.md.
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
@@ -403,14 +405,13 @@ def climb_entries(
 def scatter_entries(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     """``p.flatten()[indices] = values`` in place (distinct indices), bumping ``p``'s autograd
     version as torch's own in-place ops do."""
-    if _compiled_cpu(p, indices, values):
-        kernel.put(p.detach().view(-1).numpy(), indices.numpy(), values.numpy())
-        increment_version(p)
-        return
     if not _plain_cpu(p, indices, values):
         p.view(-1).index_put_((indices,), values)  # honours torch.use_deterministic_algorithms, unlike put_
     elif torch.get_num_threads() > 1:
         p.view(-1).index_copy_(0, indices, values)  # deterministic: the indices are distinct
+    elif _compiled_cpu(p, indices, values):
+        kernel.put(p.detach().view(-1).numpy(), indices.numpy(), values.numpy())
+        increment_version(p)
     else:
         p.detach().view(-1).numpy()[indices.numpy()] = values.numpy()
         increment_version(p)
