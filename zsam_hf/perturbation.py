@@ -338,13 +338,12 @@ class AppliedPerturbation:
         return total
 
 
-# A plain CPU tensor's scattered entries. The climb to w + e (read, add, write) takes the compiled loop
-# (selection/kernel.py) where there is one: 2.5 ms for a ResNet-18's 5% of 11M entries, where a gather, an
-# add and a scatter took 4.3 at one thread and 5.6 at two. The restore's writes take it at one thread; at
-# more, torch's index_copy_ splits them between the threads (3.0 ms against the loop's 3.9 at two threads).
-# Without the compiled loops: NumPy at one thread (2-3x faster than torch.take and index_put_), torch's
-# gather and index_copy_ at more (a cold 2.4M-entry weight, 5% of it, 2 threads: 3.0 and 2.2 ns an entry
-# against NumPy's 3.6). Figures: docs/performance.md.
+# A plain CPU tensor's scattered entries (a ResNet-18's 5% of 11M weights, caches flushed first). The climb to
+# w + e (read, add, write) takes the compiled loop (selection/kernel.py) where there is one: climb and restore
+# 4.2 ms at one thread against NumPy's 6.9; at two threads the climb 4.3 ms against torch's gather, add and
+# index_copy_ 5.6. The restore's writes take the loop at one thread; at more, torch's index_copy_ splits them
+# between the threads (3.0 ms against the loop's 3.9 at two). Without the compiled loops: NumPy at one thread
+# (2-3x faster than torch.take and index_put_), torch's gather and index_copy_ at more (docs/performance.md).
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
