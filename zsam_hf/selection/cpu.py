@@ -149,10 +149,11 @@ class _Workspace:
         self._deviations: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
 
     def candidates(self, dtype: np.dtype, needed: int, kept: int) -> tuple[np.ndarray, np.ndarray]:
-        """Index and value buffers of at least ``needed`` entries, the first ``kept`` preserved."""
+        """Index and value buffers of at least ``needed`` entries, the first ``kept`` preserved. They grow by
+        a quarter at least, not double: they stay resident between steps, and count in the step's peak."""
         indices, values = self._candidates.get(dtype, (np.empty(0, dtype=np.int64), np.empty(0, dtype=dtype)))
         if values.size < needed:
-            size = max(needed, 2 * values.size)
+            size = max(needed, values.size + values.size // 4)
             grown = np.empty(size, dtype=np.int64), np.empty(size, dtype=dtype)
             grown[0][:kept], grown[1][:kept] = indices[:kept], values[:kept]
             indices, values = self._candidates[dtype] = grown
@@ -212,9 +213,10 @@ def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bo
 
 
 def _candidates(
-    gradient: np.ndarray, mean: float, low: float, work: _Workspace
+    gradient: np.ndarray, mean: float, low: float, work: _Workspace, expected: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every entry with |g - mean| >= low (and at most a few more): flat indices and g there.
+    ``expected`` (the sample's estimate of how many) sizes the compiled loop's buffers.
 
     One pass over cache-sized chunks compares g itself with the two ``_outside_bounds``. One thread:
     a helper thread collecting half of each large tensor (NumPy alone, the GIL released in its loops)
@@ -224,7 +226,7 @@ def _candidates(
     """
     lower, upper = _outside_bounds(mean, low, gradient.dtype)
     if kernel.supports(gradient):
-        return _candidates_compiled(gradient, lower, upper, work)
+        return _candidates_compiled(gradient, lower, upper, work, expected)
     count = 0
     indices, values = work.candidates(gradient.dtype, 0, 0)
     for start in range(0, gradient.size, CHUNK):
@@ -244,17 +246,20 @@ def _candidates(
 
 
 def _candidates_compiled(
-    gradient: np.ndarray, lower, upper, work: _Workspace
+    gradient: np.ndarray, lower, upper, work: _Workspace, expected: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``_candidates`` in one compiled loop (``kernel.py``), into the workspace's buffers, grown when full."""
+    """``_candidates`` in one compiled loop (``kernel.py``), into the workspace's buffers (room for
+    ``expected`` and a 32nd more, the sample's error several times over; a full buffer grows and the loop
+    resumes where it stopped)."""
     count, start = 0, 0
-    indices, values = work.candidates(gradient.dtype, gradient.size // 8 + 64, 0)  # ~6% are candidates
+    room = expected + expected // 32 + 4096 if expected else gradient.size // 8 + 64
+    indices, values = work.candidates(gradient.dtype, room, 0)
     while True:
         written, start = kernel.collect(gradient, start, lower, upper, indices[count:], values[count:])
         count += written
         if start >= gradient.size:
             return indices[:count], values[:count]
-        indices, values = work.candidates(gradient.dtype, 2 * values.size, count)
+        indices, values = work.candidates(gradient.dtype, values.size + 1024, count)
 
 
 def _kept_bracketed(
@@ -264,13 +269,17 @@ def _kept_bracketed(
     (written into ``out`` when given)."""
     n = flat.numel()
     (lo, hi), frac = quantile_ranks(n, q)
-    low, high, tied = _bracket(_sample(flat, mean), q)
+    sample = _sample(flat, mean)
+    low, high, tied = _bracket(sample, q)
     gradient, center = flat.numpy(), mean.numpy()
     # A constant gradient (e.g. zero, behind a zero-initialized norm scale): every |g - mean| is equal,
     # none is above the quantile.
     if low == high and _constant(gradient):
         return torch.empty(0, dtype=torch.long), flat[:0]
-    indices, values = _candidates(gradient, float(center), float(low), work)
+    expected = (
+        n * int(np.count_nonzero(sample >= low)) // sample.size
+    )  # the candidates, as the sample has them
+    indices, values = _candidates(gradient, float(center), float(low), work, expected)
     d, mask = work.deviations(gradient.dtype, values.size)
     np.abs(np.subtract(values, center, out=d), out=d)  # |g - mean| exactly as a full pass computes it
     below = n - int(np.count_nonzero(d >= low))  # entries under the bound, exactly
