@@ -384,14 +384,15 @@ def _compiled_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor)
 def climb_entries(
     p: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """w + e at ``indices`` of ``p`` in place (e = ``offsets``, consumed); returns the original entries
-    (in ``out`` when given), which restore w bit for bit."""
+    """w + e at ``indices`` of ``p`` in place (e = ``offsets``, consumed); returns the original entries,
+    which restore w bit for bit. The compiled loop writes them over ``offsets`` itself (no buffer of the
+    kept size more), the others into ``out`` when given."""
+    if _compiled_cpu(p, indices, offsets):
+        kernel.climb(p.detach().view(-1).numpy(), indices.numpy(), offsets.numpy(), offsets.numpy())
+        increment_version(p)
+        return offsets
     if out is None:
         out = torch.empty(indices.numel(), dtype=p.dtype, device=p.device)
-    if _compiled_cpu(p, indices, offsets, out):
-        kernel.climb(p.detach().view(-1).numpy(), indices.numpy(), offsets.numpy(), out.numpy())
-        increment_version(p)
-        return out
     original = gather_entries(p, indices, out)
     if offsets.dtype == p.dtype:
         moved = offsets.add_(original)  # in place: no temporary of the kept size
@@ -693,8 +694,9 @@ class SharpnessPerturbation:
 
     def _originals_buffer(self, name: str, param: torch.Tensor, offset: SparseOffset) -> torch.Tensor | None:
         """Where the weights at a sparse offset's entries are kept; None when they have no reused buffer
-        (an accelerator: its caching allocator keeps the peak steady)."""
-        if offset.indices.device.type != "cpu":
+        (an accelerator: its caching allocator keeps the peak steady) or need none (the compiled climb
+        writes them over the offset's own values)."""
+        if offset.indices.device.type != "cpu" or _compiled_cpu(param, offset.indices, offset.values):
             return None
         return self._kept_buffer(name).originals_for(offset.indices.numel(), param.dtype, param.device)
 

@@ -78,6 +78,10 @@ def test_climb_and_put_do_what_numpy_indexing_does(dtype):
     np.testing.assert_array_equal(saved, original[indices])
     kernel.put(w, indices, saved)
     assert w.tobytes() == original.tobytes()  # bit for bit, -0.0 included
+    in_place = offsets.copy()  # the originals written over the offsets themselves, as the engine does
+    kernel.climb(w, indices, in_place, in_place)
+    np.testing.assert_array_equal(w, expected)
+    np.testing.assert_array_equal(in_place, original[indices])
 
 
 def _gradients() -> dict[str, torch.Tensor]:

@@ -84,12 +84,13 @@ int64_t collect_f64(const double *g, int64_t start, int64_t n, double lower, dou
 }
 
 #define CLIMB_AND_PUT(T, SUFFIX)                                                                       \
-    /* w[idx[j]] becomes e[j] + w[idx[j]] (the engine's rounding), its original saved in saved[j]. */  \
+    /* w[idx[j]] becomes e[j] + w[idx[j]] (the engine's rounding), its original saved in saved[j];     \
+       saved may be e itself (e[j] is read before saved[j] is written). */                             \
     void climb_##SUFFIX(T *w, const int64_t *idx, const T *e, T *saved, int64_t k) {                   \
         for (int64_t j = 0; j < k; j++) {                                                              \
-            T original = w[idx[j]];                                                                    \
+            T offset = e[j], original = w[idx[j]];                                                     \
             saved[j] = original;                                                                       \
-            w[idx[j]] = e[j] + original;                                                               \
+            w[idx[j]] = offset + original;                                                             \
         }                                                                                              \
     }                                                                                                  \
     /* w[idx[j]] = values[j]. */                                                                       \

@@ -138,7 +138,8 @@ def collect(
 
 
 def climb(weights: np.ndarray, indices: np.ndarray, offsets: np.ndarray, saved: np.ndarray) -> None:
-    """``saved = weights[indices]; weights[indices] = offsets + saved`` in one loop (distinct indices)."""
+    """``saved = weights[indices]; weights[indices] = offsets + saved`` in one loop (distinct indices);
+    ``saved`` may be ``offsets`` itself."""
     function = getattr(_library, f"climb_{_SUFFIX[weights.dtype]}")
     function(weights.ctypes.data, indices.ctypes.data, offsets.ctypes.data, saved.ctypes.data, indices.size)
 
