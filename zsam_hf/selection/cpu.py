@@ -14,10 +14,12 @@ For each large tensor:
 
 If the bound misses (lies above the quantile), an exact full selection takes over for that
 tensor: the answer never depends on the sample. Selections go through NumPy's ``partition``
-(both ranks at once, narrowed first by a sample: ``order_statistics.adjacent_in_array``), positions
-through ``np.flatnonzero`` on a padded mask (``_set_positions``; faster than ``torch.nonzero``, and
-than any word-by-word scheme at every density from 0.5% to 30%, on NumPy 2.0 and 2.4), and the kept
-set's order statistics are selected in the band of candidates under the sample's upper bound.
+(both ranks at once, narrowed first by a sample: ``order_statistics.adjacent_in_array``), and the kept
+set's order statistics are selected in the band of candidates under the sample's upper bound. The
+collecting pass is a compiled loop (``kernel.py``, ``entries.c``) where a C compiler built one; else
+NumPy finds positions through ``np.flatnonzero`` on a padded mask (``_set_positions``; faster than
+``torch.nonzero``, and than any word-by-word scheme at every density from 0.5% to 30%, on NumPy 2.0
+and 2.4).
 """
 
 from __future__ import annotations
@@ -218,7 +220,8 @@ def _candidates(
     """Every entry with |g - mean| >= low (and at most a few more): flat indices and g there.
     ``expected`` (the sample's estimate of how many) sizes the compiled loop's buffers.
 
-    One pass over cache-sized chunks compares g itself with the two ``_outside_bounds``. One thread:
+    One compiled loop (``kernel.py``) compares g itself with the two ``_outside_bounds``; without it, one
+    pass of NumPy over cache-sized chunks. One thread:
     a helper thread collecting half of each large tensor (NumPy alone, the GIL released in its loops)
     made the selection slower at 2 threads, not faster. After each parallel torch op (the means, the
     backward pass) the OpenMP worker spins on the other core for milliseconds, so the helper shares
@@ -276,9 +279,8 @@ def _kept_bracketed(
     # none is above the quantile.
     if low == high and _constant(gradient):
         return torch.empty(0, dtype=torch.long), flat[:0]
-    expected = (
-        n * int(np.count_nonzero(sample >= low)) // sample.size
-    )  # the candidates, as the sample has them
+    # How many candidates there are, as the sample has them
+    expected = n * int(np.count_nonzero(sample >= low)) // sample.size
     indices, values = _candidates(gradient, float(center), float(low), work, expected)
     d, mask = work.deviations(gradient.dtype, values.size)
     np.abs(np.subtract(values, center, out=d), out=d)  # |g - mean| exactly as a full pass computes it

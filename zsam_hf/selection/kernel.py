@@ -119,8 +119,14 @@ def use_avx512(allow: bool = True) -> bool:
 
 
 def supports(*arrays: np.ndarray) -> bool:
-    """Whether the compiled loops take these arrays: the library is there, all float32 or all float64."""
-    return library() is not None and len({a.dtype for a in arrays}) == 1 and arrays[0].dtype in _SUFFIX
+    """Whether the compiled loops take these arrays: the library is there, all float32 or all float64,
+    each contiguous (the loops walk raw pointers)."""
+    return (
+        library() is not None
+        and len({a.dtype for a in arrays}) == 1
+        and arrays[0].dtype in _SUFFIX
+        and all(a.flags.c_contiguous for a in arrays)
+    )
 
 
 def collect(
