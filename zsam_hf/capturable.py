@@ -22,13 +22,11 @@ saved by capture are what the step is made of (docs/performance.md).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from .perturbation import EPS, norm_of_norms
 from .selection import FixedKept, gradient_mean, kept_fixed_shape_many
 
-EPS = 1e-12
 CAPTURABLE_VARIANTS = ("zsam", "sam")
 
 
@@ -41,12 +39,6 @@ def check_capturable(variant: str, shards=None) -> None:
         )
     if shards is not None:
         raise ValueError("capturable=True is not supported on sharded (FSDP2) parameters")
-
-
-def _stacked_norm(norms: list[torch.Tensor]) -> torch.Tensor:
-    """||.||_G from per-tensor norms, in at least float32 (as the eager engine's ``_global_norm``)."""
-    dtype = functools.reduce(torch.promote_types, (n.dtype for n in norms), torch.float32)
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
 def _gated_dense(buffer: torch.Tensor, w: torch.Tensor, g: torch.Tensor, scale, gate) -> None:
@@ -82,12 +74,13 @@ def capturable_ascent(
 
     e is the eager engine's e (docs/algorithm.md) for ``variant`` ("zsam" or "sam") and
     ``normalization``, zero everywhere when the ascent gradient is not finite. Returns ||e||_G as a
-    device tensor. The parameters themselves are only read.
+    device tensor. The parameters themselves are only read. ``grads`` holds at least one gradient (the
+    engine takes no ascent without one).
     """
     weights = [i for i, g in enumerate(grads) if g.ndim > 1]
     others = [i for i, g in enumerate(grads) if g.ndim <= 1]
     grad_norms = list(torch._foreach_norm([g.reshape(-1) for g in grads]))
-    grad_norm = _stacked_norm(grad_norms)
+    grad_norm = norm_of_norms(grad_norms)
     sam_scale = rho / (grad_norm + EPS)
     if variant == "sam":
         finite = torch.isfinite(grad_norm)
@@ -98,11 +91,11 @@ def capturable_ascent(
         for p, g, b, s in zip(params, grads, buffers, scales):
             _gated_dense(b, p, g, s, finite)
         norms = [torch.where(finite, n * s, 0.0) for n, s in zip(grad_norms, scales)]
-        return _stacked_norm(norms)
+        return norm_of_norms(norms)
 
     means = [gradient_mean(grads[i]) for i in weights]
     flags = [torch.isfinite(m) for m in means] + [torch.isfinite(grad_norms[i]) for i in others]
-    finite = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=grad_norm.device)
+    finite = torch.stack(flags).all()
     found = kept_fixed_shape_many([grads[i] for i in weights], quantile, means)
     if normalization == "tensor":
         filtered_norms = list(torch._foreach_norm([k.values for k in found])) if found else []
@@ -111,7 +104,7 @@ def capturable_ascent(
         other_scale = sam_scale
     else:
         members = [k.values for k in found] + [grads[i] for i in others]  # a tensor that kept nothing adds 0
-        scale = rho / (_stacked_norm(list(torch._foreach_norm(members))) + EPS)
+        scale = rho / (norm_of_norms(list(torch._foreach_norm(members))) + EPS)
         sparse = [scale] * len(found)
         takes_sparse = [k.valid.any() for k in found]
         other_scale = scale
@@ -126,4 +119,4 @@ def capturable_ascent(
     for i in others:
         _gated_dense(buffers[i], params[i], grads[i], other_scale, finite)
         norms.append(torch.where(finite, grad_norms[i] * other_scale, 0.0))
-    return _stacked_norm(norms) if norms else grad_norm * 0
+    return norm_of_norms(norms)

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
-from .capturable import capturable_ascent, check_capturable
 from .selection import (
     Kept,
     KeptBuffers,
@@ -72,10 +71,13 @@ def _global_norm(tensors: list[torch.Tensor], shards: Shards | None = None) -> t
         return shards.squared_norms(tensors).sum().sqrt()
     if not tensors:
         return torch.zeros(())
-    norms = torch.stack(torch._foreach_norm(tensors))
-    return torch.linalg.vector_norm(
-        norms.to(torch.promote_types(norms.dtype, torch.float32))
-    )  # fp64 stays fp64
+    return norm_of_norms(list(torch._foreach_norm(tensors)))
+
+
+def norm_of_norms(norms: list[torch.Tensor]) -> torch.Tensor:
+    """||.||_G from the tensors' own norms, in float32 at least (fp64 stays fp64)."""
+    stacked = torch.stack(norms)
+    return torch.linalg.vector_norm(stacked.to(torch.promote_types(stacked.dtype, torch.float32)))
 
 
 def _tensor_norms(tensors: list[torch.Tensor], shards: Shards | None = None) -> torch.Tensor:
@@ -672,6 +674,8 @@ class SharpnessPerturbation:
         """``perturb`` with no host synchronization (``capturable.py``): w + e in each parameter's reused
         buffer, the parameter pointed at it until the restore. A non-finite ascent gradient gives e = 0
         (the weights stay w) instead of no perturbation, since telling the two apart needs a host read."""
+        from .capturable import capturable_ascent, check_capturable  # it builds on this module
+
         check_capturable(self.variant, shards)
         for name, p in zip(names, params):
             if not _can_move(p):

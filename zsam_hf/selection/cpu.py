@@ -215,7 +215,7 @@ def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bo
 
 
 def _candidates(
-    gradient: np.ndarray, mean: float, low: float, work: _Workspace, expected: int = 0
+    gradient: np.ndarray, mean: float, low: float, work: _Workspace, expected: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every entry with |g - mean| >= low (and at most a few more): flat indices and g there.
     ``expected`` (the sample's estimate of how many) sizes the compiled loop's buffers.
@@ -249,14 +249,13 @@ def _candidates(
 
 
 def _candidates_compiled(
-    gradient: np.ndarray, lower, upper, work: _Workspace, expected: int = 0
+    gradient: np.ndarray, lower, upper, work: _Workspace, expected: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``_candidates`` in one compiled loop (``kernel.py``), into the workspace's buffers (room for
     ``expected`` and a 32nd more, the sample's error several times over; a full buffer grows and the loop
     resumes where it stopped)."""
     count, start = 0, 0
-    room = expected + expected // 32 + 4096 if expected else gradient.size // 8 + 64
-    indices, values = work.candidates(gradient.dtype, room, 0)
+    indices, values = work.candidates(gradient.dtype, expected + expected // 32 + 4096, 0)
     while True:
         written, start = kernel.collect(gradient, start, lower, upper, indices[count:], values[count:])
         count += written
