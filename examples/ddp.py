@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments
+from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments, end_process_group
 
 
 class MLP(nn.Module):
@@ -34,10 +34,8 @@ def main(output_dir: str) -> None:
     if trainer.is_world_process_zero():
         print(f"world_size {args.world_size}; logged {trainer.state.log_history[0]}")
     trainer.save_model(f"{output_dir}/final")
-    # Leave no gloo/NCCL threads to interpreter exit, where they can abort the process (pytorch/pytorch#179291).
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()  # once main() has dropped the trainer and its DDP model (see its docstring)

@@ -22,7 +22,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import ViTConfig, ViTForImageClassification
 
 from zsam_hf.perturbation import SharpnessPerturbation
-from zsam_hf.sharding import Shards
+from zsam_hf.sharding import Shards, end_process_group
 
 VARIANTS = {
     "ZSAM (global)": dict(variant="zsam", normalization="global"),
@@ -77,8 +77,8 @@ def main() -> None:
             ratios = "".join(f"{v / values[-1]:>22.3f}" for v in values[:-1])
             print(f"{r:<6}{values[-1] / 1e6:>12.1f}{ratios}")
         print("||e|| per variant: " + ", ".join(f"{k} {rows[k][1]:.4f}" for k in VARIANTS))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # after main() dropped the sharded model

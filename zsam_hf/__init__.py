@@ -6,6 +6,7 @@ from .mixin import ZSAMTrainerMixin
 from .optim import ZSAM
 from .perturbation import SharpnessPerturbation
 from .selection import interpolated_quantile, zscore_mask
+from .sharding import end_process_group
 from .trainer import ZSAMSeq2SeqTrainer, ZSAMSeq2SeqTrainingArguments, ZSAMTrainer, with_zsam
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ZSAMTrainer",
     "ZSAMTrainerMixin",
     "ZSAMTrainingArguments",
+    "end_process_group",
     "interpolated_quantile",
     "last_complete_checkpoint",
     "with_zsam",

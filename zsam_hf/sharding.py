@@ -3,10 +3,13 @@
 Every reduction the perturbation needs (a norm over all tensors, each tensor's mean, each tensor's
 norm, a finiteness check, kept counts) is a sum of per-rank partial sums: one all-reduce of a few
 numbers each. On one process (``shards=None`` everywhere) the same code takes the whole tensors.
+Also here: the two front doors' replica average of the ascent gradients, and the end of a launched
+run's process group.
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -63,3 +66,21 @@ def all_reduce_mean(grads: list[torch.Tensor | None], params: list[torch.Tensor]
     flat.div_(dist.get_world_size())
     chunks = torch.split(flat, [g.numel() for g in filled])
     return [chunk.view_as(g).to(g.dtype) for chunk, g in zip(chunks, filled)]
+
+
+def end_process_group() -> None:
+    """Destroy the process group a launched run joined, once no model wrapper holds it.
+
+    Call it after the Trainer, the accelerator and the wrapped model are dropped (return from the
+    function that held them). Two torch hazards meet here. Gloo's worker threads left to interpreter
+    exit can abort a finished process (pytorch/pytorch#179291), hence the destroy. And a DDP wrapper
+    alive after it holds the group's last reference: freeing it later runs gloo's destructor, which
+    joins the worker threads while holding the GIL, and a worker still freeing the tensors of the last
+    collective waits for that GIL: a deadlock (seen on torch 2.13, about one exit in five after a
+    barrier). Collecting the garbage first frees wrappers kept only by reference cycles while the
+    group's registry still holds it, so the group's last reference goes with the destroy, which
+    releases the GIL.
+    """
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

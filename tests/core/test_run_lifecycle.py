@@ -248,9 +248,8 @@ from zsam_hf import ZSAMTrainer, ZSAMTrainingArguments
 args = ZSAMTrainingArguments(output_dir=sys.argv[1], max_steps=2, report_to=[], disable_tqdm=True)
 ZSAMTrainer(model=TinyClassifier(), args=args, train_dataset=vector_dataset(16)).train()
 print(f"TRAINED world_size={args.world_size} process_index={args.process_index}", flush=True)
-import torch.distributed as dist
-if dist.is_initialized():  # gloo's threads left to interpreter exit can abort the process (pytorch/pytorch#179291)
-    dist.destroy_process_group()
+from zsam_hf import end_process_group
+end_process_group()
 """
 
 

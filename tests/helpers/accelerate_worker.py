@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from checks import end_distributed_run
 from toy import TinyClassifier, vector_dataset
 
 from zsam_hf import ZSAM
@@ -66,10 +67,8 @@ def main(out: Path, mode: str) -> None:
               "world": accelerator.num_processes, "unscale_calls": CountingScaler.calls, "norms": norms,
               "scale": accelerator.scaler.get_scale() if accelerator.scaler is not None else None}  # fmt: skip
     torch.save(record, out / f"{mode}_rank{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    end_distributed_run()

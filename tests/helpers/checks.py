@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zsam_hf.checkpoints import load_checkpoint_weights
+from zsam_hf.sharding import end_process_group
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -76,3 +81,18 @@ class HostReads(TorchDispatchMode):
         self.reads += name == "_local_scalar_dense"
         self.nonzero += name in ("nonzero", "masked_select")
         return func(*args, **(kwargs or {}))
+
+
+def end_distributed_run() -> None:
+    """A worker's last step: every rank done, no DDP model left alive, then the library's teardown.
+
+    A DDP model alive after the group is destroyed frees the group's last reference later, under the
+    GIL, which can deadlock an exit (``zsam_hf.sharding.end_process_group`` says how): asserted absent
+    here, so the rare hang is a plain failure instead.
+    """
+    gc.collect()
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    assert alive == 0, f"{alive} DDP model(s) outlive the run: train in a function that drops them"
+    if dist.is_initialized():
+        dist.barrier()
+    end_process_group()

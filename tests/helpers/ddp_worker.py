@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from checks import end_distributed_run
 from toy import RecordingTrainer, StepRecorder, TinyClassifier, make_args, vector_dataset
 
 # record name -> the SAM fields of the run (ZSAM per replica and synchronized; the two controls)
@@ -16,25 +17,29 @@ MODES = {
 }
 
 
+def record_mode(out: Path, mode: str, fields: dict) -> None:
+    """Train one mode and save this rank's record; the trainer and its DDP model die on return."""
+    model = TinyClassifier()
+    args = make_args(out, output_dir=str(out / f"run_{mode}"), max_steps=3, **fields)
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=vector_dataset(48))
+    recorder = StepRecorder(model)
+    trainer.add_callback(recorder)
+    trainer.train()
+    record = {
+        "start": recorder.start,
+        "grads": recorder.pre_step_grads,
+        "pre_step": recorder.pre_step_weights,
+        "end": recorder.end,
+        "batches": trainer.micro_batches,
+        "world_size": dist.get_world_size(),
+    }
+    torch.save(record, out / f"{mode}_rank{dist.get_rank()}.pt")
+
+
 def main(out: Path) -> None:
     for mode, fields in MODES.items():
-        model = TinyClassifier()
-        args = make_args(out, output_dir=str(out / f"run_{mode}"), max_steps=3, **fields)
-        trainer = RecordingTrainer(model=model, args=args, train_dataset=vector_dataset(48))
-        recorder = StepRecorder(model)
-        trainer.add_callback(recorder)
-        trainer.train()
-        record = {
-            "start": recorder.start,
-            "grads": recorder.pre_step_grads,
-            "pre_step": recorder.pre_step_weights,
-            "end": recorder.end,
-            "batches": trainer.micro_batches,
-            "world_size": dist.get_world_size(),
-        }
-        torch.save(record, out / f"{mode}_rank{dist.get_rank()}.pt")
-    dist.barrier()
-    dist.destroy_process_group()  # a clean shutdown: gloo's threads are not left to interpreter exit
+        record_mode(out, mode, fields)
+    end_distributed_run()
 
 
 if __name__ == "__main__":

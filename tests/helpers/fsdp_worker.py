@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
+from checks import end_distributed_run
 from torch.distributed.tensor import DTensor
 from toy import DictDataset, RecordingTrainer, make_args
 from transformers import TrainerCallback
@@ -148,9 +149,8 @@ def main(out: Path) -> None:
         )
     if dist.get_rank() == 0:
         torch.save({"records": records, "world": dist.get_world_size()}, out / "records.pt")
-    dist.barrier()
-    dist.destroy_process_group()  # a clean shutdown: gloo's threads are not left to interpreter exit
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    end_distributed_run()

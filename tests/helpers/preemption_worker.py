@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from checks import end_distributed_run
 from markers import announce
 from toy import vector_dataset
 from transformers import TrainerCallback
@@ -88,9 +89,8 @@ def main(out: str, variant: str) -> None:
     trainer.save_model(os.path.join(out, "final"))
     if rank == 0:
         announce("DONE")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    end_distributed_run()

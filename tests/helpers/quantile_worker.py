@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from checks import end_distributed_run
 
 from zsam_hf.selection import kept_entries_sharded
 from zsam_hf.selection.sharded import sharded_thresholds
@@ -62,8 +63,8 @@ def main(out: Path) -> None:
             for name, t, k in zip(fulls, thresholds, kept)
         }
     torch.save({"results": results, "world": world}, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    end_distributed_run()

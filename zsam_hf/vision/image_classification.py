@@ -20,6 +20,7 @@ from transformers import TrainerCallback, set_seed
 from ..card import redact_command
 from ..checkpoint_dirs import last_complete_checkpoint, require_complete
 from ..config import ZSAMTrainingArguments
+from ..sharding import end_process_group  # the scripts end a launched run with it
 from ..trainer import ZSAMTrainer
 from .data import (
     BUILTIN_DATASETS,
@@ -391,15 +392,6 @@ def run(
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"ZSAM ({training_args.sam_variant}) training run")
     return RunResult(trainer, metrics, labels)
-
-
-def end_process_group() -> None:
-    """Destroy the process group a launched run joined, before the interpreter exits: gloo's worker threads
-    left to interpreter exit can abort a finished process with SIGABRT (pytorch/pytorch#179291)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 __all__ = [
