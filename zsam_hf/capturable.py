@@ -69,13 +69,14 @@ def capturable_ascent(
     rho: float,
     quantile: float,
     normalization: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Write w + e of each parameter into its buffer (like the parameter), with no host synchronization.
 
     e is the eager engine's e (docs/algorithm.md) for ``variant`` ("zsam" or "sam") and
-    ``normalization``, zero everywhere when the ascent gradient is not finite. Returns ||e||_G as a
-    device tensor. The parameters themselves are only read. ``grads`` holds at least one gradient (the
-    engine takes no ascent without one).
+    ``normalization``, zero everywhere when the ascent gradient is not finite. Returns, as device
+    tensors: ||e||_G; for zsam, how many entries the filter kept over all weight tensors (None for
+    sam); and whether the ascent gradient was finite (the ascent taken). The parameters themselves are
+    only read. ``grads`` holds at least one gradient (the engine takes no ascent without one).
     """
     weights = [i for i, g in enumerate(grads) if g.ndim > 1]
     others = [i for i, g in enumerate(grads) if g.ndim <= 1]
@@ -91,7 +92,7 @@ def capturable_ascent(
         for p, g, b, s in zip(params, grads, buffers, scales):
             _gated_dense(b, p, g, s, finite)
         norms = [torch.where(finite, n * s, 0.0) for n, s in zip(grad_norms, scales)]
-        return norm_of_norms(norms)
+        return norm_of_norms(norms), None, finite
 
     means = [gradient_mean(grads[i]) for i in weights]
     flags = [torch.isfinite(m) for m in means] + [torch.isfinite(grad_norms[i]) for i in others]
@@ -119,4 +120,7 @@ def capturable_ascent(
     for i in others:
         _gated_dense(buffers[i], params[i], grads[i], other_scale, finite)
         norms.append(torch.where(finite, grad_norms[i] * other_scale, 0.0))
-    return norm_of_norms(norms)
+    kept_count = (
+        torch.stack([k.valid.sum() for k in found]).sum() if found else torch.zeros((), dtype=torch.long)
+    )
+    return norm_of_norms(norms), kept_count, finite

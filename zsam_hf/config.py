@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .capturable import CAPTURABLE_VARIANTS
 from .perturbation import DEFAULT_RHO, NORMALIZATIONS, VARIANTS
 
 
@@ -86,6 +87,15 @@ class _SAMFields:
             "is always the averaged one (every rank gathers the same weights), so False is refused there."
         },
     )
+    sam_capturable: bool = field(
+        default=False,
+        metadata={
+            "help": "Take the ascent with no host synchronization (zsam and sam only): every decision on the "
+            "device and w + e in one reused buffer per parameter, so a GPU step runs under "
+            "torch.cuda.set_sync_debug_mode('error'). The same weights as the default path, at SAM's memory "
+            "between the passes (instead of 0.15x the parameters for zsam). Not under FSDP2."
+        },
+    )
 
 
 def first_sharpness_step(sam_start: float, max_steps: int) -> int:
@@ -119,6 +129,8 @@ class ZSAMArgumentsMixin:
         sam_sync_ascent: all-reduce the ascent gradient across replicas. Unset (None): each DDP
             replica perturbs with its own gradient, as in the SAM paper; under FSDP2 the ascent
             gradient is the averaged one (the only possibility), and False is refused.
+        sam_capturable: the ascent with no host synchronization (zsam and sam): the same weights,
+            decided on the device, at SAM's memory between the passes (not under FSDP2).
     ZSAM:
         zsam_quantile: Q_p; entries with |z| above this quantile are kept (0.95 keeps 5%).
         zsam_normalization: "global" (the paper: ||e|| = rho) or "tensor" (released code: each
@@ -176,6 +188,15 @@ class ZSAMArgumentsMixin:
             self.sam_start = int(self.sam_start)  # "--sam_start 500" parses as 500.0
         if self.sam_sync_ascent is not None and not isinstance(self.sam_sync_ascent, bool):
             raise _invalid("sam_sync_ascent", self.sam_sync_ascent, "expected True, False or None (unset)")
+        if not isinstance(self.sam_capturable, bool):
+            raise _invalid("sam_capturable", self.sam_capturable, "expected True or False")
+        if self.sam_capturable and self.sam_variant not in CAPTURABLE_VARIANTS + ("none",):
+            raise _invalid(
+                "sam_capturable",
+                self.sam_capturable,
+                f"the ascent without host synchronization covers sam_variant {' and '.join(CAPTURABLE_VARIANTS)}, "
+                f"not {self.sam_variant!r} (the others read the host each step): set sam_capturable=False",
+            )
 
     def __getstate__(self) -> dict:
         """Pickles (``training_args.bin``, saved with every checkpoint and uploaded with it)

@@ -68,8 +68,8 @@ class _SharpnessMeter:
     """Per-step SAM metrics summed as device tensors between two logging steps."""
 
     def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None  # [loss at w, loss at w+e, ||e||, kept fraction]
-        self.perturbed_micro_batches = 0
+        # [loss at w, loss at w+e, ||e||, kept fraction, micro-batches whose ascent was taken]
+        self.sums: torch.Tensor | None = None
         self.sharpness_steps: set[int] = set()  # optimizer steps that took the two-pass step
 
     def record(
@@ -77,16 +77,17 @@ class _SharpnessMeter:
     ) -> None:
         self.sharpness_steps.add(step)
         if self.sums is None:
-            self.sums = torch.zeros(4, device=loss.device)
+            self.sums = torch.zeros(5, device=loss.device)
         self.sums[0] += loss.detach().float()
         self.sums[1] += perturbed_loss.detach().float()
-        if stats is not None:
+        if stats is not None:  # added on the device: a capturable step reads nothing back
             self.sums[2] += stats.norm.to(self.sums.device)
-            self.sums[3] += stats.kept_fraction or 0.0
-            self.perturbed_micro_batches += 1
+            if stats.kept_fraction is not None:
+                self.sums[3] += _on(stats.kept_fraction, self.sums)
+            self.sums[4] += 1.0 if stats.taken is None else _on(stats.taken, self.sums)
 
     def reset(self) -> None:
-        self.sums, self.perturbed_micro_batches, self.sharpness_steps = None, 0, set()
+        self.sums, self.sharpness_steps = None, set()
 
 
 class ZSAMTrainerMixin(CheckpointLifecycleMixin):
@@ -297,7 +298,7 @@ class ZSAMTrainerMixin(CheckpointLifecycleMixin):
         if meter.sums is not None:
             sums = self.accelerator.gather(meter.sums[None]).mean(0).tolist()
             sharpness_steps = max(len(meter.sharpness_steps), 1)
-            perturbed = max(meter.perturbed_micro_batches, 1)
+            perturbed = sums[4] if sums[4] > 0 else 1.0
             logs.update(
                 perturbed_loss=sums[1] / sharpness_steps,
                 sharpness=(sums[1] - sums[0]) / sharpness_steps,
@@ -363,6 +364,7 @@ def _perturbation_from(args) -> SharpnessPerturbation:
         fsam_sigma=args.fsam_sigma,
         fsam_lambda=args.fsam_lambda,
         seed=args.seed,
+        capturable=args.sam_capturable,
     )
 
 
@@ -407,6 +409,11 @@ def _check_backend(args, deepspeed: bool, fsdp_version: int | None) -> None:
             "per full tensor from sharded slices exactly is not implemented. Run the control under DDP or "
             "on one device."
         )
+    if args.sam_capturable:
+        raise ValueError(
+            "sam_capturable=True is not supported under FSDP2: the ascent without host synchronization "
+            "points whole parameters at buffers, and FSDP2's are slices of sharded ones. Leave it False."
+        )
     if args.sam_sync_ascent is False:
         raise ValueError(
             "sam_sync_ascent=False cannot hold under FSDP: every rank all-gathers the same weights, so the "
@@ -440,6 +447,11 @@ def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
     Taken without autograd, so the slice is a plain tensor the perturbation may write in place.
     """
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _on(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A figure to add into a meter tensor: a device tensor in the meter's dtype, or a plain number."""
+    return value.to(like) if isinstance(value, torch.Tensor) else value
 
 
 def _rng_devices(model: torch.nn.Module) -> list[int]:

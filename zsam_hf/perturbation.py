@@ -59,10 +59,16 @@ Offset = torch.Tensor | SparseOffset
 
 @dataclass
 class PerturbationStats:
-    """What a step's perturbation looked like, as device tensors (no host sync)."""
+    """What a step's perturbation looked like, as device tensors (no host sync).
+
+    ``taken`` is None where the engine decided on the host that the ascent was taken (the eager engine
+    returns no stats for a step it skips); the capturable engine decides on the device, so it says there
+    whether the ascent gradient was finite, and its ``norm`` and ``kept_fraction`` are 0 when it was not.
+    """
 
     norm: torch.Tensor
-    kept_fraction: float | None = None
+    kept_fraction: float | torch.Tensor | None = None
+    taken: torch.Tensor | None = None
 
 
 def _global_norm(tensors: list[torch.Tensor], shards: Shards | None = None) -> torch.Tensor:
@@ -685,10 +691,14 @@ class SharpnessPerturbation:
                     "buffer, a tensor subclass or a non-contiguous tensor): use capturable=False"
                 )
         buffers = [self._backup_buffer(n, p) for n, p in zip(names, params)]
-        norm = capturable_ascent(
-            params, grads, buffers, self.variant, self.rho, self.quantile, self.normalization
-        )
-        return AppliedPerturbation(moved=_point_at(params, buffers)), PerturbationStats(norm=norm)
+        with torch.no_grad():  # the Trainer climbs with autograd on; the weights are written as data
+            norm, kept, finite = capturable_ascent(
+                params, grads, buffers, self.variant, self.rho, self.quantile, self.normalization
+            )
+        weight_entries = sum(p.numel() for p in params if p.ndim > 1)
+        kept_fraction = None if kept is None else torch.where(finite, kept / max(weight_entries, 1), 0.0)
+        stats = PerturbationStats(norm=norm, kept_fraction=kept_fraction, taken=finite)
+        return AppliedPerturbation(moved=_point_at(params, buffers)), stats
 
     def _kept_buffer(self, name: str) -> KeptBuffers:
         """The reused storage of one weight tensor's kept entries."""

@@ -2,7 +2,8 @@
 
 It must write the weights the eager engine writes, bit for bit (the same kept set, the same fallbacks,
 the same rounding), restore w bit for bit, take no ascent on a non-finite gradient, and do all of it
-with no host read and no data-dependent shape, through the engine and through ``ZSAM``'s two steps.
+with no host read and no data-dependent shape, through the engine, through ``ZSAM``'s two steps and
+through ``ZSAMTrainer``'s optimizer steps (``sam_capturable=True``).
 The eager reference here is the engine's own fixed-shape path (one host read per step), itself tested
 against the independent reference in ``test_fixed_shape.py``.
 """
@@ -13,8 +14,10 @@ import pytest
 import torch
 import torch.nn as nn
 from checks import HostReads
+from toy import TinyClassifier, make_args, vector_dataset
+from transformers import TrainerCallback
 
-from zsam_hf import ZSAM
+from zsam_hf import ZSAM, ZSAMTrainer
 from zsam_hf.capturable import capturable_ascent
 from zsam_hf.perturbation import SharpnessPerturbation
 
@@ -65,6 +68,9 @@ def test_the_capturable_ascent_writes_the_eager_weights_bit_for_bit(variant, nor
     # ||e|| is a logged figure: the fallback's share comes from ||g|| in float32, not from the rounded e
     rtol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-3
     torch.testing.assert_close(stats.norm.double(), expected_stats.norm.double(), rtol=rtol, atol=0)
+    if variant == "zsam":  # the logged kept fraction, computed on the device, is the eager engine's count
+        assert stats.kept_fraction.item() == pytest.approx(expected_stats.kept_fraction, rel=1e-6)
+    assert stats.taken.item() and expected_stats.taken is None
 
 
 def test_the_fallbacks_are_the_ones_the_contract_names():
@@ -90,6 +96,8 @@ def test_a_non_finite_ascent_gradient_leaves_the_weights_at_w(variant):
     )
     assert all(torch.equal(c, p) for c, p in zip(climbed, params))  # no NaN reached the weights
     assert stats.norm.item() == 0.0 and restored
+    assert not stats.taken.item()  # the meter counts this micro-batch as not perturbed
+    assert variant == "sam" or stats.kept_fraction.item() == 0.0
 
 
 class _Net(nn.Module):
@@ -183,12 +191,93 @@ def test_the_whole_ascent_compiles_into_one_graph_and_gives_the_eager_weights(no
 
     def run(ascent):
         buffers = [torch.empty_like(p) for p in params]
-        norm = ascent(params, [g.clone() for g in grads], buffers, "zsam", 0.05, 0.95, normalization)
-        return buffers, norm
+        figures = ascent(params, [g.clone() for g in grads], buffers, "zsam", 0.05, 0.95, normalization)
+        return buffers, figures
 
     torch._dynamo.reset()
     compiled = torch.compile(capturable_ascent, fullgraph=True, backend="aot_eager", dynamic=False)
-    (expected, expected_norm), (written, norm) = run(capturable_ascent), run(compiled)
+    (expected, expected_figures), (written, figures) = run(capturable_ascent), run(compiled)
     for a, b in zip(expected, written):
         assert torch.equal(a, b)
-    assert torch.equal(expected_norm, norm)
+    for a, b in zip(expected_figures, figures):  # ||e||, the kept count, the finite flag
+        assert torch.equal(a, b)
+
+
+class _StepWindow(TrainerCallback):
+    """Counts host reads from each optimizer step's start to its end: both passes of every micro-batch,
+    the clipping and the base optimizer's step; the Trainer's logging, which reads the host by design,
+    falls outside."""
+
+    def __init__(self, counter: HostReads):
+        self.counter, self.windows = counter, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.counter.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counter.__exit__(None, None, None)
+        self.windows += 1
+
+
+def _trainer_run(tmp_path, monkeypatch, capturable: bool, **overrides):
+    """Three SGD steps of two micro-batches each, clipped, through ZSAMTrainer; the host reads inside the
+    optimizer steps, the final weights and the logs."""
+    settings = dict(
+        output_dir=str(tmp_path / f"capturable{capturable}"),
+        sam_capturable=capturable,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        logging_nan_inf_filter=False,  # the Trainer's own per-micro-batch read of the loss
+        logging_steps=3,
+    )
+    model = TinyClassifier()
+    trainer = ZSAMTrainer(model=model, args=make_args(tmp_path, **settings, **overrides),
+                          train_dataset=vector_dataset(48))  # fmt: skip
+    window = _StepWindow(HostReads(monkeypatch))
+    trainer.add_callback(window)
+    trainer.train()
+    assert window.windows == 3
+    logs = next(log for log in trainer.state.log_history if "perturbation_norm" in log)
+    return window.counter, [p.detach().clone() for p in model.parameters()], logs
+
+
+def test_a_trainer_step_with_sam_capturable_reads_the_host_never(tmp_path, monkeypatch):
+    """The sync-free Trainer step, checked on the CPU as tests/gpu checks it under CUDA's sync debug mode:
+    from on_step_begin to on_step_end no ``.item()``, ``tolist``, ``nonzero`` or boolean index, while the
+    default path's host reads are seen by the same counter. Weights and logs match the default path."""
+    host, weights, logs = _trainer_run(tmp_path, monkeypatch, capturable=True)
+    assert (host.reads, host.nonzero) == (0, 0)
+    assert not host.seen & FORBIDDEN, host.seen & FORBIDDEN
+    assert "topk" in host.seen
+    default, expected, expected_logs = _trainer_run(tmp_path, monkeypatch, capturable=False)
+    assert default.reads > 0  # the counter sees the eager selection's reads
+    for a, b in zip(expected, weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for key in ("loss", "perturbed_loss", "perturbation_norm", "zsam_kept_fraction"):
+        assert logs[key] == pytest.approx(expected_logs[key], rel=1e-5), key
+
+
+def test_a_non_finite_micro_batch_is_not_counted_as_perturbed(tmp_path, monkeypatch):
+    """The Trainer's meter, fed a taken and a gated (non-finite) capturable ascent and an eager one, counts
+    two perturbed micro-batches: the logs average ||e|| and the kept fraction over the taken ones."""
+    from zsam_hf.mixin import _SharpnessMeter
+    from zsam_hf.perturbation import PerturbationStats
+
+    meter = _SharpnessMeter()
+    loss = torch.tensor(1.0)
+    meter.record(0, loss, loss, PerturbationStats(torch.tensor(0.05), torch.tensor(0.04), torch.tensor(True)))
+    meter.record(0, loss, loss, PerturbationStats(torch.tensor(0.0), torch.tensor(0.0), torch.tensor(False)))
+    meter.record(1, loss, loss, PerturbationStats(torch.tensor(0.05), 0.06))  # the eager engine's kind
+    assert meter.sums.tolist() == pytest.approx([3.0, 3.0, 0.1, 0.1, 2.0])
+
+
+def test_sam_capturable_refuses_what_it_does_not_cover(tmp_path):
+    for variant in ("asam", "fsam", "random"):
+        with pytest.raises(ValueError, match=f"sam_capturable=True is invalid: .* not '{variant}'"):
+            make_args(tmp_path, sam_variant=variant, sam_capturable=True)
+    with pytest.raises(ValueError, match="sam_capturable='yes' is invalid: expected True or False"):
+        make_args(tmp_path, sam_capturable="yes")
+    from zsam_hf.mixin import _check_backend
+
+    with pytest.raises(ValueError, match="sam_capturable=True is not supported under FSDP2"):
+        _check_backend(make_args(tmp_path, sam_capturable=True), deepspeed=False, fsdp_version=2)

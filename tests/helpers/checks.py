@@ -67,13 +67,22 @@ class HostReads(TorchDispatchMode):
         super().__init__()
         self.reads, self.nonzero = 0, 0
         self.seen: set[str] = set()
+        self.inside = False  # entered: it may be entered and left again, counting only inside
         tolist = torch.Tensor.tolist
 
         def counted(tensor):
-            self.reads += 1
+            self.reads += self.inside
             return tolist(tensor)
 
         monkeypatch.setattr(torch.Tensor, "tolist", counted)
+
+    def __enter__(self):
+        self.inside = True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.inside = False
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
