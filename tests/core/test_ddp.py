@@ -36,7 +36,7 @@ def ddp_records(tmp_path_factory):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return {
         mode: [torch.load(out / f"{mode}_rank{r}.pt", weights_only=False) for r in (0, 1)]
-        for mode in ("sync0", "sync1", "random", "sam-tensor")
+        for mode in ("sync0", "sync1", "random", "sam-tensor", "capturable")
     }
 
 
@@ -70,9 +70,11 @@ def ddp_gradient_by_hand(
     return dict(zip(names, total))
 
 
-@pytest.mark.parametrize("sync", [0, 1])
-def test_ddp_gradient_is_mean_of_replica_sam_gradients(ddp_records, sync):
-    ranks = ddp_records[f"sync{sync}"]
+@pytest.mark.parametrize("mode, sync", [("sync0", 0), ("sync1", 1), ("capturable", 0)])
+def test_ddp_gradient_is_mean_of_replica_sam_gradients(ddp_records, mode, sync):
+    """Per-replica and synchronized ascent, and the capturable one (sam_capturable: each parameter pointed
+    at its w + e buffer and back while DDP holds it), against the hand computation."""
+    ranks = ddp_records[mode]
     assert ranks[0]["world_size"] == 2
     for step in range(3):
         for key in ("start", "pre_step", "end"):  # identical weights on every rank, restored exactly

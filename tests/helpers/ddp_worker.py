@@ -14,6 +14,7 @@ MODES = {
     "sync1": dict(sam_sync_ascent=True),
     "random": dict(sam_variant="random", zsam_normalization="tensor"),
     "sam-tensor": dict(sam_variant="sam", zsam_normalization="tensor"),
+    "capturable": dict(sam_capturable=True),  # per-replica ascent, no host read, params moved to buffers
 }
 
 
