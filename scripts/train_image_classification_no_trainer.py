@@ -212,9 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_accuracy: {accuracy:.4f}")
         print(f"Model, image processor and model card saved to {args.output_dir}")
     accelerator.end_training()
-    end_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        end_process_group()  # once main() has dropped the accelerator and its DDP-wrapped model
+    sys.exit(code)
