@@ -22,6 +22,12 @@ for comparison only) and pytorch_optimizer's ``SAM`` (from PyPI):
 
     python scripts/benchmark_step.py --mode optimizer --workloads resnet18@32x64 vit_base_patch16_224@224x4
 
+``--captured`` adds our SAM and ZSAM built with ``capturable=True``, each on its own copy of the model: on CUDA
+the whole two-pass step is captured once into a CUDA graph and every call replays it; elsewhere they run
+eagerly (the sync-free path's own cost):
+
+    python scripts/benchmark_step.py --mode optimizer --captured --device cuda --bf16 --workloads resnet18@32x64
+
 ``--phases`` splits SAM's and ZSAM's steps into the ascent's forward and backward, the perturbation, the
 descent pass with the optimizer step, and the restore (medians of ms and of minor page faults, and the C heap's
 largest drop, where glibc hands memory back to the kernel), to show where ZSAM's extra time goes:
@@ -190,6 +196,43 @@ def davda54_sam_step(model, optimizer, batch, rho: float) -> int:
     return sum(w.numel() * w.element_size() for w in old)
 
 
+def as_cuda_graph(step):
+    """``step`` captured once into a CUDA graph, after three warm-up calls on a side stream (as capture
+    requires); the returned callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def capturable_rows(arch: str, image_size: int, batch_size: int, args) -> dict:
+    """Our SAM and ZSAM with ``capturable=True``, each on its own copy of the model and batch: another row's
+    step may point parameters at other storage, which a captured graph would not follow. On CUDA a call
+    replays one CUDA graph of the whole two-pass step; elsewhere it runs eagerly. Both keep SAM's memory
+    between the passes (one copy of the parameters)."""
+    rows = {}
+    for name, variant in (("SAM (ours, capturable)", "sam"), ("ZSAM (ours, capturable)", "zsam")):
+        model, batch, param_bytes = workload(arch, image_size, batch_size, args.device)
+        optimizer = ZSAM(model.parameters(), torch.optim.SGD, variant=variant, lr=1e-3, capturable=True)
+        # autocast's weight cache must be off under capture (torch.cuda.graphs' documented condition)
+        autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16, cache_enabled=False)
+
+        def step(model=model, optimizer=optimizer, batch=batch, autocast=autocast) -> None:
+            with autocast:
+                two_step(model, optimizer, batch)
+
+        if args.device == "cuda":
+            step = as_cuda_graph(step)
+        rows[name] = (lambda step=step, kept=param_bytes: step() or kept, 1)
+    return rows
+
+
 def measure_optimizers(arch: str, image_size: int, batch_size: int, args) -> dict:
     """The optimizer rows for one workload: medians per step, bytes kept between the passes, and on
     CUDA each row's peak allocated memory over the base optimizer's."""
@@ -236,6 +279,8 @@ def measure_optimizers(arch: str, image_size: int, batch_size: int, args) -> dic
         "SAM (davda54, re-created)": (run(lambda: davda54_sam_step(model, davda, batch, 0.05)), 1),
         "SAM (pytorch_optimizer)": (run(lambda: two_step(model, third, batch) or param_bytes), 1),
     }
+    if args.captured:
+        rows.update(capturable_rows(arch, image_size, batch_size, args))
     medians, kept = time_interleaved(rows, args.warmup, args.steps * args.rounds, device)
     peaks = {}
     if device == "cuda":
@@ -276,6 +321,13 @@ def report_optimizers(result: dict, args) -> None:
         f"{ours / fastest_other:.3f} (goal <= 1.05); our SAM / fastest other SAM: {our_sam / fastest_other:.3f} "
         f"(goal <= 1.00); released code / our ZSAM: {released / ours:.3f}"
     )
+    if "ZSAM (ours, capturable)" in medians:
+        how = "one CUDA graph per step" if args.device == "cuda" else "eager"
+        captured, captured_sam = medians["ZSAM (ours, capturable)"], medians["SAM (ours, capturable)"]
+        print(
+            f"capturable ({how}): ZSAM / SAM {captured / captured_sam:.3f} (goal <= 1.03); capturable ZSAM / "
+            f"default ZSAM {captured / ours:.3f}; capturable ZSAM / default SAM {captured / our_sam:.3f}"
+        )
 
 
 def parse_workload(text: str) -> tuple[str, int, int]:
@@ -477,6 +529,10 @@ def main() -> None:
     parser.add_argument(
         "--mode", choices=["trainer", "optimizer"], default="trainer",
         help="time ZSAMTrainer's step (default) or the ZSAM optimizer beside other SAM optimizers",
+    )  # fmt: skip
+    parser.add_argument(
+        "--captured", action="store_true",
+        help="optimizer mode: also time our SAM and ZSAM with capturable=True (on CUDA: one CUDA graph a step)",
     )  # fmt: skip
     parser.add_argument(
         "--phases", action="store_true",

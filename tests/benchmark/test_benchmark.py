@@ -247,8 +247,9 @@ def test_the_step_benchmark_runs_through_the_trainer_and_prints_its_ratio(tmp_pa
 
 
 def test_the_optimizer_benchmark_runs_every_sam_and_prints_zsam_against_our_sam():
-    """A shrunk ``--mode optimizer`` run: every row (ours, the re-created ones, pytorch_optimizer's) steps, and
-    the summary gives ZSAM against our SAM (the issue's goal) and against the fastest other SAM."""
+    """A shrunk ``--mode optimizer --captured`` run: every row (ours, the capturable ones, the re-created ones,
+    pytorch_optimizer's) steps, and the summary gives ZSAM against our SAM (the issue's goal), against the
+    fastest other SAM, and the capturable pair's ratio (eager on a CPU)."""
     import os
     import re
     import subprocess
@@ -257,7 +258,7 @@ def test_the_optimizer_benchmark_runs_every_sam_and_prints_zsam_against_our_sam(
     from script_loader import ROOT
 
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), "--mode", "optimizer",
+        [sys.executable, str(ROOT / "scripts" / "benchmark_step.py"), "--mode", "optimizer", "--captured",
          "--workloads", "resnet10t@16x2", "--steps", "1", "--rounds", "1", "--warmup", "1"],
         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
         timeout=600,
@@ -269,10 +270,14 @@ def test_the_optimizer_benchmark_runs_every_sam_and_prints_zsam_against_our_sam(
         "ZSAM (released code)",
         "SAM (davda54",
         "SAM (pytorch_optimizer)",
+        "SAM (ours, capturable)",
+        "ZSAM (ours, capturable)",
     ]:
         assert row in done.stdout
     ratio = re.search(r"ZSAM \(ours\) / SAM \(ours\): ([0-9.]+) \(goal <= 1.03\)", done.stdout)
     assert ratio and float(ratio.group(1)) > 0, done.stdout
+    captured = re.search(r"capturable \(eager\): ZSAM / SAM ([0-9.]+) \(goal <= 1.03\)", done.stdout)
+    assert captured and float(captured.group(1)) > 0, done.stdout
 
 
 def test_step_benchmark_phases_add_up_to_the_step(tmp_path):
