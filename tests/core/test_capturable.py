@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 
 from zsam_hf import ZSAM, ZSAMTrainer
 from zsam_hf.capturable import capturable_ascent
-from zsam_hf.perturbation import SharpnessPerturbation
+from zsam_hf.mixin import _check_backend, _SharpnessMeter
+from zsam_hf.perturbation import PerturbationStats, SharpnessPerturbation
 
 FORBIDDEN = {"nonzero", "masked_select", "_local_scalar_dense", "unique", "_unique2", "item", "index"}
 
@@ -219,7 +220,7 @@ class _StepWindow(TrainerCallback):
         self.windows += 1
 
 
-def _trainer_run(tmp_path, monkeypatch, capturable: bool, **overrides):
+def _trainer_run(tmp_path, monkeypatch, capturable: bool):
     """Three SGD steps of two micro-batches each, clipped, through ZSAMTrainer; the host reads inside the
     optimizer steps, the final weights and the logs."""
     settings = dict(
@@ -231,7 +232,7 @@ def _trainer_run(tmp_path, monkeypatch, capturable: bool, **overrides):
         logging_steps=3,
     )
     model = TinyClassifier()
-    trainer = ZSAMTrainer(model=model, args=make_args(tmp_path, **settings, **overrides),
+    trainer = ZSAMTrainer(model=model, args=make_args(tmp_path, **settings),
                           train_dataset=vector_dataset(48))  # fmt: skip
     window = _StepWindow(HostReads(monkeypatch))
     trainer.add_callback(window)
@@ -257,12 +258,9 @@ def test_a_trainer_step_with_sam_capturable_reads_the_host_never(tmp_path, monke
         assert logs[key] == pytest.approx(expected_logs[key], rel=1e-5), key
 
 
-def test_a_non_finite_micro_batch_is_not_counted_as_perturbed(tmp_path, monkeypatch):
+def test_a_non_finite_micro_batch_is_not_counted_as_perturbed():
     """The Trainer's meter, fed a taken and a gated (non-finite) capturable ascent and an eager one, counts
     two perturbed micro-batches: the logs average ||e|| and the kept fraction over the taken ones."""
-    from zsam_hf.mixin import _SharpnessMeter
-    from zsam_hf.perturbation import PerturbationStats
-
     meter = _SharpnessMeter()
     loss = torch.tensor(1.0)
     meter.record(0, loss, loss, PerturbationStats(torch.tensor(0.05), torch.tensor(0.04), torch.tensor(True)))
@@ -277,7 +275,5 @@ def test_sam_capturable_refuses_what_it_does_not_cover(tmp_path):
             make_args(tmp_path, sam_variant=variant, sam_capturable=True)
     with pytest.raises(ValueError, match="sam_capturable='yes' is invalid: expected True or False"):
         make_args(tmp_path, sam_capturable="yes")
-    from zsam_hf.mixin import _check_backend
-
     with pytest.raises(ValueError, match="sam_capturable=True is not supported under FSDP2"):
         _check_backend(make_args(tmp_path, sam_capturable=True), deepspeed=False, fsdp_version=2)
