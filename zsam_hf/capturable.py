@@ -74,8 +74,8 @@ def capturable_ascent(
 
     e is the eager engine's e (docs/algorithm.md) for ``variant`` ("zsam" or "sam") and
     ``normalization``, zero everywhere when the ascent gradient is not finite. Returns, as device
-    tensors: ||e||_G; for zsam, how many entries the filter kept over all weight tensors (None for
-    sam); and whether the ascent gradient was finite (the ascent taken). The parameters themselves are
+    tensors: ||e||_G; for zsam, the fraction of the weight tensors' entries the filter kept (0 when the
+    gradient is not finite; None for sam); and whether the ascent gradient was finite (the ascent taken). The parameters themselves are
     only read. ``grads`` holds at least one gradient (the engine takes no ascent without one).
     """
     weights = [i for i, g in enumerate(grads) if g.ndim > 1]
@@ -120,7 +120,7 @@ def capturable_ascent(
     for i in others:
         _gated_dense(buffers[i], params[i], grads[i], other_scale, finite)
         norms.append(torch.where(finite, grad_norms[i] * other_scale, 0.0))
-    kept_count = (
-        torch.stack([k.valid.sum() for k in found]).sum() if found else torch.zeros((), dtype=torch.long)
-    )
-    return norm_of_norms(norms), kept_count, finite
+    weight_entries = sum(grads[i].numel() for i in weights)
+    kept = torch.stack([k.valid.sum() for k in found]).sum() if found else torch.zeros((), dtype=torch.long)
+    kept_fraction = torch.where(finite, kept / max(weight_entries, 1), 0.0)
+    return norm_of_norms(norms), kept_fraction, finite

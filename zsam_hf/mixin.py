@@ -81,7 +81,7 @@ class _SharpnessMeter:
         self.sums[0] += loss.detach().float()
         self.sums[1] += perturbed_loss.detach().float()
         if stats is not None:  # added on the device: a capturable step reads nothing back
-            self.sums[2] += stats.norm.to(self.sums.device)
+            self.sums[2] += _on(stats.norm, self.sums)
             if stats.kept_fraction is not None:
                 self.sums[3] += _on(stats.kept_fraction, self.sums)
             self.sums[4] += 1.0 if stats.taken is None else _on(stats.taken, self.sums)

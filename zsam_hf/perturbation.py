@@ -692,11 +692,9 @@ class SharpnessPerturbation:
                 )
         buffers = [self._backup_buffer(n, p) for n, p in zip(names, params)]
         with torch.no_grad():  # the Trainer climbs with autograd on; the weights are written as data
-            norm, kept, finite = capturable_ascent(
+            norm, kept_fraction, finite = capturable_ascent(
                 params, grads, buffers, self.variant, self.rho, self.quantile, self.normalization
             )
-        weight_entries = sum(p.numel() for p in params if p.ndim > 1)
-        kept_fraction = None if kept is None else torch.where(finite, kept / max(weight_entries, 1), 0.0)
         stats = PerturbationStats(norm=norm, kept_fraction=kept_fraction, taken=finite)
         return AppliedPerturbation(moved=_point_at(params, buffers)), stats
 

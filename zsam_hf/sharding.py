@@ -76,10 +76,10 @@ def end_process_group() -> None:
     exit can abort a finished process (pytorch/pytorch#179291), hence the destroy. And a DDP wrapper
     alive after it holds the group's last reference: freeing it later runs gloo's destructor, which
     joins the worker threads while holding the GIL, and a worker still freeing the tensors of the last
-    collective waits for that GIL: a deadlock (seen on torch 2.13 after a barrier: once in a CI run and
-    once in 25 runs of the two-process test worker; not in 20 runs on torch 2.14). Collecting the garbage first frees wrappers kept only by reference cycles while the
-    group's registry still holds it, so the group's last reference goes with the destroy, which
-    releases the GIL.
+    collective waits for that GIL: a deadlock (seen on torch 2.13 after a barrier: once in a CI run
+    and once in 25 runs of the two-process test worker; not in 20 runs on torch 2.14). Collecting the
+    garbage first frees wrappers kept only by reference cycles while the group's registry still holds
+    it, so the group's last reference goes with the destroy, which releases the GIL.
     """
     gc.collect()
     if dist.is_available() and dist.is_initialized():

@@ -200,7 +200,7 @@ def test_the_whole_ascent_compiles_into_one_graph_and_gives_the_eager_weights(no
     (expected, expected_figures), (written, figures) = run(capturable_ascent), run(compiled)
     for a, b in zip(expected, written):
         assert torch.equal(a, b)
-    for a, b in zip(expected_figures, figures):  # ||e||, the kept count, the finite flag
+    for a, b in zip(expected_figures, figures):  # ||e||, the kept fraction, the finite flag
         assert torch.equal(a, b)
 
 
