@@ -396,7 +396,8 @@ def climb_entries(
     which restore w bit for bit. The compiled loop writes them over ``offsets`` itself (no buffer of the
     kept size more), the others into ``out`` when given."""
     if _compiled_cpu(p, indices, offsets):
-        kernel.climb(p.detach().view(-1).numpy(), indices.numpy(), offsets.numpy(), offsets.numpy())
+        threads = kernel.threads(indices.numel())
+        kernel.climb(p.detach().view(-1).numpy(), indices.numpy(), offsets.numpy(), offsets.numpy(), threads)
         increment_version(p)
         return offsets
     if out is None:
@@ -412,17 +413,27 @@ def climb_entries(
 
 def scatter_entries(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     """``p.flatten()[indices] = values`` in place (distinct indices), bumping ``p``'s autograd
-    version as torch's own in-place ops do."""
+    version as torch's own in-place ops do. On a CPU: the compiled loop (split between torch's threads
+    where it can be), else torch's ``index_copy_`` at more than one thread, else NumPy."""
     if not _plain_cpu(p, indices, values):
         p.view(-1).index_put_((indices,), values)  # honours torch.use_deterministic_algorithms, unlike put_
+    elif _compiled_cpu(p, indices, values) and not _split_by_torch_only(indices.numel()):
+        kernel.put(
+            p.detach().view(-1).numpy(), indices.numpy(), values.numpy(), kernel.threads(indices.numel())
+        )
+        increment_version(p)
     elif torch.get_num_threads() > 1:
         p.view(-1).index_copy_(0, indices, values)  # deterministic: the indices are distinct
-    elif _compiled_cpu(p, indices, values):
-        kernel.put(p.detach().view(-1).numpy(), indices.numpy(), values.numpy())
-        increment_version(p)
     else:
         p.detach().view(-1).numpy()[indices.numpy()] = values.numpy()
         increment_version(p)
+
+
+def _split_by_torch_only(entries: int) -> bool:
+    """Whether writing ``entries`` scattered entries should go to torch's ``index_copy_``: torch has more
+    than one thread, the work is large enough to split, and the compiled loop cannot split it (its
+    library has no OpenMP, or another runtime than torch's)."""
+    return torch.get_num_threads() > 1 and entries >= kernel.PARALLEL_ENTRIES and kernel.threads(entries) == 1
 
 
 def _can_move(p: torch.Tensor) -> bool:

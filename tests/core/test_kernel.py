@@ -3,8 +3,10 @@
 Each loop against NumPy doing the same thing, on the entries that break comparisons (NaN, infinities,
 signed zeros, subnormals, entries equal to a bound), at lengths around the 16-entry vector, with output
 buffers small enough to stop the pass many times; the collecting loop in its AVX-512 version and its
-portable one. Then the whole filter and the engine with the loops and without them (``ZSAM_HF_KERNEL=0``,
-or a compiler that fails): the same kept entries and the same weights, bit for bit.
+portable one; split between threads (parts whose room fills, resumed on one thread) and on one. Then the
+whole filter and the engine with the loops and without them (``ZSAM_HF_KERNEL=0``, or a compiler that
+fails), and with the loops on torch's threads and on one: the same kept entries and the same weights, bit
+for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import torch
 
 from zsam_hf.perturbation import SharpnessPerturbation
 from zsam_hf.selection import cpu, kept_entries_many, kernel
+
+
+@pytest.fixture
+def on_torch_threads():
+    """The loops split large work between torch's two threads (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield kernel.use_threads(True)
+    kernel.use_threads(True)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=["avx512", "portable"])
@@ -62,8 +74,44 @@ def test_collect_finds_what_numpy_finds(collecting_loop, n, dtype, bounds):
     np.testing.assert_array_equal(np.concatenate(found_values), g[want])  # NaN-free: want has no NaN
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("room", [100_000, 700, 37])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_climb_and_put_do_what_numpy_indexing_does(dtype):
+def test_collect_in_parts_finds_what_numpy_finds(collecting_loop, parts, room, dtype):
+    """Each part collected on its own thread, then moved to follow the one before. With room for all, the
+    pass ends at the end; with little room, it ends where the first part that filled stopped, and one
+    thread resumes from there, as the filter does."""
+    n = 20_011
+    g = _awkward(n, dtype, seed=parts)
+    lower, upper = dtype(-1.5), dtype(1.5)
+    want = np.flatnonzero((g >= upper) | (g <= lower))
+    indices, values = np.empty(room * parts, dtype=np.int64), np.empty(room * parts, dtype=dtype)
+    count, start = kernel.collect_parts(g, lower, upper, indices, values, [room] * parts)
+    if room * parts > want.size:
+        assert start == n and count == want.size
+    else:
+        assert start < n and count <= room * parts
+    assert count == np.searchsorted(want, start)  # everything before where it stopped, nothing after
+    np.testing.assert_array_equal(indices[:count], want[:count])
+    np.testing.assert_array_equal(values[:count], g[want[:count]])
+    found_indices, found_values = [indices[:count].copy()], [values[:count].copy()]
+    while start < n:
+        written, start = kernel.collect(g, start, lower, upper, indices, values)
+        found_indices.append(indices[:written].copy())
+        found_values.append(values[:written].copy())
+    np.testing.assert_array_equal(np.concatenate(found_indices), want)
+    np.testing.assert_array_equal(np.concatenate(found_values), g[want])
+
+
+def test_collect_in_parts_refuses_buffers_smaller_than_the_room_given():
+    g = np.zeros(100, dtype=np.float32)
+    with pytest.raises(ValueError, match="cannot hold capacities"):
+        kernel.collect_parts(g, -1.0, 1.0, np.empty(10, np.int64), np.empty(10, np.float32), [6, 6])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_climb_and_put_do_what_numpy_indexing_does(dtype, threads):
     rng = np.random.default_rng(1)
     w = rng.standard_normal(5000).astype(dtype)
     w[7] = -0.0
@@ -73,13 +121,13 @@ def test_climb_and_put_do_what_numpy_indexing_does(dtype):
     expected = w.copy()
     expected[indices] = offsets + w[indices]
     original, saved = w.copy(), np.empty(300, dtype=dtype)
-    kernel.climb(w, indices, offsets, saved)
+    kernel.climb(w, indices, offsets, saved, threads)
     np.testing.assert_array_equal(w, expected)
     np.testing.assert_array_equal(saved, original[indices])
-    kernel.put(w, indices, saved)
+    kernel.put(w, indices, saved, threads)
     assert w.tobytes() == original.tobytes()  # bit for bit, -0.0 included
     in_place = offsets.copy()  # the originals written over the offsets themselves, as the engine does
-    kernel.climb(w, indices, in_place, in_place)
+    kernel.climb(w, indices, in_place, in_place, threads)
     np.testing.assert_array_equal(w, expected)
     np.testing.assert_array_equal(in_place, original[indices])
 
@@ -111,6 +159,73 @@ def test_the_filter_keeps_the_same_entries_with_and_without_the_loops(collecting
     for (ci, cv), (pi, pv) in zip(compiled, plain):
         np.testing.assert_array_equal(ci, pi)
         np.testing.assert_array_equal(cv, pv)
+
+
+def test_the_loops_run_on_torchs_openmp_runtime_and_split_only_large_work(on_torch_threads):
+    """torch's CPU wheels run their threads on libgomp; the library links the same runtime, so its loops
+    use torch's threads (one OpenMP runtime in the process), and only work worth waking them for."""
+    assert "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert on_torch_threads, "the compiled loops cannot use torch's threads here"
+    assert len(kernel._openmp_runtimes()) == 1
+    assert kernel.threads(kernel.PARALLEL_ENTRIES) == 2
+    assert kernel.threads(kernel.PARALLEL_ENTRIES - 1) == 1
+    assert not kernel.use_threads(False) and kernel.threads(1 << 24) == 1
+
+
+def test_each_part_of_a_tensor_gets_room_for_its_own_candidates():
+    """Candidates crowded into the last quarter of a tensor (a layer's few loud output channels): each part's
+    room comes from its own sampled entries, within a few percent of its true count."""
+    n = 1 << 20
+    g = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    g[3 * n // 4 :] *= 8
+    mean = g.mean()
+    sample = cpu._sample(g, mean)
+    low = np.quantile(sample, 0.9)
+    d = (g - mean).abs().numpy()
+    for parts in (1, 2, 4):
+        expected = cpu._expected_candidates(sample >= low, n, parts)
+        starts = kernel.part_starts(n, parts)
+        actual = [int(np.count_nonzero(d[a:b] >= low)) for a, b in zip(starts, starts[1:])]
+        assert len(expected) == parts
+        for e, a in zip(expected, actual):
+            assert abs(e - a) <= 0.06 * a + 50, (parts, expected, actual)
+            assert cpu._room(e, parts) >= a  # the room the pass gets holds the part's candidates
+        if parts == 4:
+            assert actual[3] > 5 * actual[0]
+
+
+def test_the_filter_keeps_the_same_entries_on_torchs_threads_and_on_one(collecting_loop, on_torch_threads):
+    assert on_torch_threads
+    big = torch.randn(1 << 20, generator=torch.Generator().manual_seed(6)).reshape(1024, 1024)
+    big[:, :100] *= 5  # candidates crowd into the columns at every row's start
+    grads = [*_gradients().values(), big]
+    parallel = _kept(grads, 0.95)
+    kernel.use_threads(False)
+    for (pi, pv), (si, sv) in zip(parallel, _kept(grads, 0.95)):
+        np.testing.assert_array_equal(pi, si)
+        np.testing.assert_array_equal(pv, sv)
+
+
+def test_the_engine_climbs_and_restores_the_same_bits_on_torchs_threads_and_on_one(on_torch_threads):
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.randn(s, generator=gen) for s in [(512, 512, 3, 3), (64,)]]
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+
+    def climbed() -> list[torch.Tensor]:
+        weights = [p.clone() for p in params]
+        applied, _ = SharpnessPerturbation().perturb(["a", "b"], weights, [g.clone() for g in grads])
+        at = [w.clone() for w in weights]
+        applied.restore()
+        assert all(
+            w.view(-1).numpy().tobytes() == p.view(-1).numpy().tobytes() for w, p in zip(weights, params)
+        )
+        return at
+
+    assert on_torch_threads and kernel.threads(params[0].numel() // 20) == 2
+    parallel = climbed()
+    kernel.use_threads(False)
+    for a, b in zip(parallel, climbed()):
+        assert torch.equal(a, b)
 
 
 def test_the_engine_climbs_and_restores_the_same_bits_with_and_without_the_loops(monkeypatch):
@@ -168,6 +283,7 @@ def test_the_workspace_regrows_when_the_candidates_overflow_it():
     grows, and the pass resumes where it stopped, again and again."""
     g = np.random.default_rng(3).standard_normal(300_000).astype(np.float32)
     work = cpu._Workspace()
-    indices, values = cpu._candidates_compiled(g, np.float32(np.inf), np.float32(-np.inf), work, 1000)
-    np.testing.assert_array_equal(indices, np.arange(g.size))
-    np.testing.assert_array_equal(values, g)
+    for expected in ([1000], [500, 500]):
+        indices, values = cpu._candidates_compiled(g, np.float32(np.inf), np.float32(-np.inf), work, expected)
+        np.testing.assert_array_equal(indices, np.arange(g.size))
+        np.testing.assert_array_equal(values, g)

@@ -178,17 +178,38 @@ def _workspace() -> _Workspace:
     return _workspaces.work
 
 
+def _sample_stride(n: int) -> int:
+    """The stride of ``_sample``'s positions (the first is at stride // 2)."""
+    return coprime_stride(n // min(MAX_SAMPLE, int(n ** (2 / 3))))
+
+
 def _sample(flat: torch.Tensor, mean: torch.Tensor) -> np.ndarray:
-    """|g - mean| at evenly strided positions: n^(2/3) of them, at most MAX_SAMPLE.
+    """|g - mean| at evenly strided positions (``_sample_stride``): n^(2/3) of them, at most MAX_SAMPLE.
 
     That size balances drawing and sorting the sample (each strided read its own cache
     line) against the extra candidates that the bound's safety margin (shrinking as
     1/sqrt(sample)) lets in; strided reads are prefetched, unlike scattered ones, and the
     stride is coprime with small kernel sizes.
     """
-    n = flat.numel()
-    stride = coprime_stride(n // min(MAX_SAMPLE, int(n ** (2 / 3))))
+    stride = _sample_stride(flat.numel())
     return (flat[stride // 2 :: stride] - mean).abs_().numpy()
+
+
+def _expected_candidates(in_sample: np.ndarray, n: int, parts: int) -> list[int]:
+    """How many candidates each of ``parts`` equal parts of a tensor of ``n`` entries holds, as the sample
+    has them (``in_sample``: which sampled entries are candidates). Each part is counted on its own
+    sampled entries, so a tensor whose candidates crowd into one part (a layer's few loud channels) sizes
+    that part's room by them."""
+    stride = _sample_stride(n)
+    starts = kernel.part_starts(n, parts)
+    # The first sampled position at or after each part's start.
+    first = [min(in_sample.size, max(0, -(-(start - stride // 2) // stride))) for start in starts]
+    expected = []
+    for t in range(parts):
+        sampled = first[t + 1] - first[t]
+        hits = int(np.count_nonzero(in_sample[first[t] : first[t + 1]]))
+        expected.append((starts[t + 1] - starts[t]) * hits // max(sampled, 1))
+    return expected
 
 
 def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bool]:
@@ -215,20 +236,20 @@ def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bo
 
 
 def _candidates(
-    gradient: np.ndarray, mean: float, low: float, work: _Workspace, expected: int
+    gradient: np.ndarray, mean: float, low: float, work: _Workspace, in_sample: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every entry with |g - mean| >= low (and at most a few more): flat indices and g there.
-    ``expected`` (the sample's estimate of how many) sizes the compiled loop's buffers.
+    ``in_sample`` (which sampled entries are candidates) sizes the compiled loop's buffers.
 
-    One compiled loop (``kernel.py``) compares g itself with the two ``_outside_bounds``; without it, one
-    pass of NumPy over cache-sized chunks. One thread:
-    a helper thread collecting half of each large tensor (NumPy alone, the GIL released in its loops)
-    made the selection slower at 2 threads, not faster. After each parallel torch op (the means, the
-    backward pass) the OpenMP worker spins on the other core for milliseconds, so the helper shares
-    that core with it (docs/performance.md).
+    One compiled loop (``kernel.py``) compares g itself with the two ``_outside_bounds``, split between
+    torch's threads on a large tensor; without it, one pass of NumPy over cache-sized chunks, on one thread
+    (a helper thread of our own, sharing a core with torch's spinning OpenMP worker, made it slower:
+    docs/performance.md).
     """
     lower, upper = _outside_bounds(mean, low, gradient.dtype)
     if kernel.supports(gradient):
+        parts = kernel.threads(gradient.size)
+        expected = _expected_candidates(in_sample, gradient.size, parts)
         return _candidates_compiled(gradient, lower, upper, work, expected)
     count = 0
     indices, values = work.candidates(gradient.dtype, 0, 0)
@@ -248,20 +269,30 @@ def _candidates(
     return indices[:count], values[:count]
 
 
+def _room(expected: int, parts: int) -> int:
+    """Room for a part's candidates: the sample's estimate, plus several times its error (relative error
+    about 1/sqrt(hits), larger for a part's fewer sampled entries) and a fixed margin."""
+    return expected + expected * parts // 32 + 4096
+
+
 def _candidates_compiled(
-    gradient: np.ndarray, lower, upper, work: _Workspace, expected: int
+    gradient: np.ndarray, lower, upper, work: _Workspace, expected: list[int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``_candidates`` in one compiled loop (``kernel.py``), into the workspace's buffers (room for
-    ``expected`` and a 32nd more, the sample's error several times over; a full buffer grows and the loop
-    resumes where it stopped)."""
-    count, start = 0, 0
-    indices, values = work.candidates(gradient.dtype, expected + expected // 32 + 4096, 0)
-    while True:
+    """``_candidates`` in one compiled loop (``kernel.py``), into the workspace's buffers: each of
+    ``len(expected)`` parts (one thread each) with room for its expected count (``_room``). A part that
+    fills its room ends the parallel pass there; the buffers grow and one thread resumes where it stopped."""
+    parts = len(expected)
+    capacities = [_room(e, parts) for e in expected]
+    indices, values = work.candidates(gradient.dtype, sum(capacities), 0)
+    if parts > 1:
+        count, start = kernel.collect_parts(gradient, lower, upper, indices, values, capacities)
+    else:
+        count, start = kernel.collect(gradient, 0, lower, upper, indices, values)
+    while start < gradient.size:
+        indices, values = work.candidates(gradient.dtype, values.size + 1024, count)
         written, start = kernel.collect(gradient, start, lower, upper, indices[count:], values[count:])
         count += written
-        if start >= gradient.size:
-            return indices[:count], values[:count]
-        indices, values = work.candidates(gradient.dtype, values.size + 1024, count)
+    return indices[:count], values[:count]
 
 
 def _kept_bracketed(
@@ -278,9 +309,7 @@ def _kept_bracketed(
     # none is above the quantile.
     if low == high and _constant(gradient):
         return torch.empty(0, dtype=torch.long), flat[:0]
-    # How many candidates there are, as the sample has them
-    expected = n * int(np.count_nonzero(sample >= low)) // sample.size
-    indices, values = _candidates(gradient, float(center), float(low), work, expected)
+    indices, values = _candidates(gradient, float(center), float(low), work, sample >= low)
     d, mask = work.deviations(gradient.dtype, values.size)
     np.abs(np.subtract(values, center, out=d), out=d)  # |g - mean| exactly as a full pass computes it
     below = n - int(np.count_nonzero(d >= low))  # entries under the bound, exactly

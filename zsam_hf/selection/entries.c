@@ -11,6 +11,7 @@
    Everything is exact: comparisons and one addition per entry, in the gradient's own type. */
 
 #include <stdint.h>
+#include <string.h>
 
 #define COLLECT_SCALAR(T)                                                                              \
     for (; i < n && c < capacity; i++) {                                                               \
@@ -63,6 +64,13 @@ static int has_avx512(void) { return 0; }
    count written. */
 static int use_avx512 = -1; /* -1: not asked yet */
 
+/* Chosen before any parallel region, so that the threads only read the choice. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define COLLECT_INIT if (use_avx512 < 0) use_avx512 = has_avx512();
+#else
+#define COLLECT_INIT
+#endif
+
 int64_t collect_f32(const float *g, int64_t start, int64_t n, float lower, float upper, int64_t *idx,
                     float *val, int64_t capacity, int64_t *stop) {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -83,10 +91,16 @@ int64_t collect_f64(const double *g, int64_t start, int64_t n, double lower, dou
     return c;
 }
 
+/* The loops below split their work between ``threads`` threads of the OpenMP runtime, where the library was
+   built with OpenMP (kernel.py builds it so, and links the runtime torch has loaded, whose worker threads
+   are still spinning after torch's own parallel ops); one thread runs them in order otherwise. */
+
 #define CLIMB_AND_PUT(T, SUFFIX)                                                                       \
     /* w[idx[j]] becomes e[j] + w[idx[j]] (the engine's rounding), its original saved in saved[j];     \
-       saved may be e itself (e[j] is read before saved[j] is written). */                             \
-    void climb_##SUFFIX(T *w, const int64_t *idx, const T *e, T *saved, int64_t k) {                   \
+       saved may be e itself (e[j] is read before saved[j] is written). Distinct indices: the threads  \
+       write disjoint entries. */                                                                      \
+    void climb_##SUFFIX(T *w, const int64_t *idx, const T *e, T *saved, int64_t k, int threads) {      \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) if(threads > 1)")              \
         for (int64_t j = 0; j < k; j++) {                                                              \
             T offset = e[j], original = w[idx[j]];                                                     \
             saved[j] = original;                                                                       \
@@ -94,12 +108,53 @@ int64_t collect_f64(const double *g, int64_t start, int64_t n, double lower, dou
         }                                                                                              \
     }                                                                                                  \
     /* w[idx[j]] = values[j]. */                                                                       \
-    void put_##SUFFIX(T *w, const int64_t *idx, const T *values, int64_t k) {                          \
+    void put_##SUFFIX(T *w, const int64_t *idx, const T *values, int64_t k, int threads) {             \
+        _Pragma("omp parallel for num_threads(threads) schedule(static) if(threads > 1)")              \
         for (int64_t j = 0; j < k; j++) w[idx[j]] = values[j];                                         \
     }
 
 CLIMB_AND_PUT(float, f32)
 CLIMB_AND_PUT(double, f64)
+
+#define COLLECT_PARTS(T, SUFFIX)                                                                       \
+    /* collect over parts of g, one thread each: part t is g[starts[t]:starts[t + 1]], written from    \
+       idx[offsets[t]] and val[offsets[t]] with room for capacities[t]. The parts' outputs are then      \
+       moved down to follow one another in order, so the result is what collect_##SUFFIX writes from  \
+       starts[0]. A part that filled its room ends the result there: *stop is where that part stopped  \
+       (the caller resumes with collect_##SUFFIX), else the end of the last part. Returns the count. */  \
+    int64_t collect_parts_##SUFFIX(const T *g, T lower, T upper, int64_t *idx, T *val,                 \
+                                   const int64_t *starts, const int64_t *offsets,                      \
+                                   const int64_t *capacities, int64_t *counts, int64_t *stops,         \
+                                   int parts, int64_t *stop) {                                         \
+        COLLECT_INIT                                                                                   \
+        _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1)")               \
+        for (int t = 0; t < parts; t++)                                                                \
+            counts[t] = collect_##SUFFIX(g, starts[t], starts[t + 1], lower, upper, idx + offsets[t],  \
+                                         val + offsets[t], capacities[t], stops + t);                  \
+        int64_t total = 0;                                                                             \
+        for (int t = 0; t < parts; t++) {                                                              \
+            if (offsets[t] != total) {                                                                 \
+                memmove(idx + total, idx + offsets[t], (size_t)counts[t] * sizeof(int64_t));           \
+                memmove(val + total, val + offsets[t], (size_t)counts[t] * sizeof(T));                 \
+            }                                                                                          \
+            total += counts[t];                                                                        \
+            *stop = stops[t];                                                                          \
+            if (stops[t] < starts[t + 1]) break;                                                       \
+        }                                                                                              \
+        return total;                                                                                  \
+    }
+
+COLLECT_PARTS(float, f32)
+COLLECT_PARTS(double, f64)
+
+/* Whether the loops can use more than one thread (the library was built with OpenMP). */
+int zsam_entries_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* Whether collect_f32 runs its AVX-512 version; ``allow`` 0 makes it take the portable loop (the tests
    run both), 1 lets it take AVX-512 where the CPU has it. */

@@ -5,9 +5,16 @@ NumPy takes five passes over each chunk to collect a gradient's candidates and r
 was most of what a ZSAM step cost over a SAM step (docs/performance.md). ``entries.c`` does each in one
 loop (AVX-512 where the CPU has it, chosen at run time, so one build serves any x86-64 CPU).
 
+At more than one torch thread the loops split each large tensor between the threads (``threads``). The
+library is then built with OpenMP and loaded into the process beside torch, so its parallel loops run on
+the OpenMP runtime torch has already loaded: the worker threads torch's last parallel op left spinning on
+the other cores take the work at once. A helper thread of our own would share its core with that spinning
+worker and lose (docs/performance.md). Where the process would end up with a second OpenMP runtime (torch
+built without OpenMP, or with another runtime than the one the compiler links), the loops run on one thread.
+
 The library is built with the system's C compiler (``cc``, or ``$CC``) into a cache directory
 (``$ZSAM_HF_CACHE``, else ``~/.cache/zsam_hf``, else a temporary one), once per source, compiler and
-platform, and loaded with ctypes, which releases the GIL during each call. Without a compiler, or with
+platform (with OpenMP where the compiler has it, else without), and loaded with ctypes, which releases the GIL during each call. Without a compiler, or with
 ``ZSAM_HF_KERNEL=0``, every caller takes its NumPy path: the same results, exactly, more slowly.
 """
 
@@ -32,6 +39,9 @@ SOURCE = Path(__file__).with_name("entries.c")
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _library: ctypes.CDLL | None = None
 _loaded = False
+_parallel = False  # the loops may split work between threads: OpenMP, on torch's runtime
+# Entries below which one thread runs a loop: waking a sleeping worker costs tens of microseconds.
+PARALLEL_ENTRIES = 1 << 15
 
 
 def _compiler() -> str | None:
@@ -45,20 +55,23 @@ def _cache_dirs() -> list[Path]:
     return dirs
 
 
-def _build(compiler: str) -> Path | None:
-    """The shared library for this source, compiler and platform: from the cache, or built into it."""
+def _build(compiler: str, openmp: bool = True) -> Path | None:
+    """The shared library for this source, compiler, platform and ``openmp`` flag: from the cache, or built
+    into it (None if the compiler fails, e.g. with no OpenMP)."""
     source = SOURCE.read_bytes()
+    flags = ["-O3", "-shared", "-fPIC", *(["-fopenmp"] if openmp else [])]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(source + version.encode() + platform.platform().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + version.encode() + platform.platform().encode() + " ".join(flags).encode())
+    name = f"entries-{key.hexdigest()[:16]}.so"
     for directory in _cache_dirs():
-        target = directory / f"entries-{key}.so"
+        target = directory / name
         if target.exists():
             return target
+        partial = directory / f".{name}-{os.getpid()}"  # processes may build at once
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            partial = directory / f".entries-{key}-{os.getpid()}.so"  # processes may build at once
             subprocess.run(
-                [compiler, "-O3", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)],
+                [compiler, *flags, "-o", str(partial), str(SOURCE)],
                 check=True,
                 capture_output=True,
                 timeout=120,
@@ -66,8 +79,33 @@ def _build(compiler: str) -> Path | None:
             os.replace(partial, target)
             return target
         except (OSError, subprocess.SubprocessError) as error:
-            logger.debug("zsam_hf: could not build %s in %s: %s", SOURCE.name, directory, error)
+            partial.unlink(missing_ok=True)
+            logger.debug(
+                "zsam_hf: could not build %s in %s with %s: %s", SOURCE.name, directory, flags, error
+            )
     return None
+
+
+def _openmp_runtimes() -> set[str] | None:
+    """The OpenMP runtimes mapped into this process (their files), or None where that cannot be read."""
+    try:
+        with open("/proc/self/maps") as maps:
+            files = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:
+        return None
+    names = ("libgomp", "libiomp", "libomp")
+    return {os.path.realpath(f) for f in files if os.path.basename(f).startswith(names)}
+
+
+def _shares_torch_runtime() -> bool:
+    """Whether the loaded library's parallel loops run on torch's own OpenMP runtime: torch's parallel
+    backend is OpenMP and exactly one OpenMP runtime is in the process (the library's resolved to it)."""
+    import torch  # the selection's other modules import it anyway; here only when the library loads
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    runtimes = _openmp_runtimes()
+    return runtimes is not None and len(runtimes) == 1
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -86,29 +124,69 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
             count,
             ctypes.POINTER(count),
         ]
-        getattr(library, f"climb_{suffix}").argtypes = [pointer, pointer, pointer, pointer, count]
-        getattr(library, f"put_{suffix}").argtypes = [pointer, pointer, pointer, count]
+        parts = getattr(library, f"collect_parts_{suffix}")
+        parts.restype = count
+        parts.argtypes = [
+            pointer,
+            scalar,
+            scalar,
+            pointer,
+            pointer,
+            *[pointer] * 5,
+            ctypes.c_int,
+            ctypes.POINTER(count),
+        ]
+        getattr(library, f"climb_{suffix}").argtypes = [
+            pointer,
+            pointer,
+            pointer,
+            pointer,
+            count,
+            ctypes.c_int,
+        ]
+        getattr(library, f"put_{suffix}").argtypes = [pointer, pointer, pointer, count, ctypes.c_int]
     library.zsam_entries_avx512.argtypes = [ctypes.c_int]
     return library
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled loops, or None (no compiler, a failed build, ``ZSAM_HF_KERNEL=0``, or not Linux/macOS)."""
-    global _library, _loaded
+    global _library, _loaded, _parallel
     if os.environ.get("ZSAM_HF_KERNEL", "1") == "0":
         return None
     if not _loaded:
         _loaded = True
         compiler = _compiler() if sys.platform != "win32" else None
         try:
-            built = _build(compiler) if compiler else None
+            built = compiler and (_build(compiler, openmp=True) or _build(compiler, openmp=False))
             _library = _declare(ctypes.CDLL(str(built))) if built else None
         except (OSError, subprocess.SubprocessError, AttributeError) as error:
             logger.debug("zsam_hf: the compiled loops are unavailable: %s", error)
             _library = None
         if _library is None:
             logger.info("zsam_hf: no C compiler built %s; the CPU filter uses NumPy (slower)", SOURCE.name)
+        _parallel = _library is not None and bool(_library.zsam_entries_openmp()) and _shares_torch_runtime()
     return _library
+
+
+def threads(entries: int) -> int:
+    """How many threads the loops split ``entries`` entries between: torch's thread count for work large
+    enough to pay for waking them (``PARALLEL_ENTRIES``), where the loops run on torch's OpenMP runtime
+    (``use_threads``); else 1."""
+    if entries < PARALLEL_ENTRIES or library() is None or not _parallel:
+        return 1
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def use_threads(allow: bool = True) -> bool:
+    """Let the loops split large work between torch's threads (``allow``, where they can), or keep them on
+    one thread; returns whether they now may split it."""
+    global _parallel
+    lib = library()
+    _parallel = bool(allow and lib is not None and lib.zsam_entries_openmp() and _shares_torch_runtime())
+    return _parallel
 
 
 def use_avx512(allow: bool = True) -> bool:
@@ -143,14 +221,53 @@ def collect(
     return written, stop.value
 
 
-def climb(weights: np.ndarray, indices: np.ndarray, offsets: np.ndarray, saved: np.ndarray) -> None:
-    """``saved = weights[indices]; weights[indices] = offsets + saved`` in one loop (distinct indices);
-    ``saved`` may be ``offsets`` itself."""
+def collect_parts(
+    gradient: np.ndarray, lower, upper, indices: np.ndarray, values: np.ndarray, capacities: list[int]
+) -> tuple[int, int]:
+    """``collect`` from the start of ``gradient``, split into ``len(capacities)`` equal parts, one thread
+    each: part t writes into room for ``capacities[t]`` entries, then the parts are moved to follow one
+    another. Returns (how many were written, where the pass stopped: the end, or where the first part
+    that filled its room stopped; resume from there with ``collect``)."""
+    parts = len(capacities)
+    starts = np.array(part_starts(gradient.size, parts), dtype=np.int64)
+    offsets = np.zeros(parts, dtype=np.int64)
+    np.cumsum(capacities[:-1], out=offsets[1:])
+    room = np.array(capacities, dtype=np.int64)
+    if offsets[-1] + room[-1] > min(indices.size, values.size):
+        raise ValueError(
+            f"buffers of {min(indices.size, values.size)} entries cannot hold capacities {capacities}"
+        )
+    counts, stops, stop = np.empty(parts, dtype=np.int64), np.empty(parts, dtype=np.int64), ctypes.c_int64()
+    function = getattr(_library, f"collect_parts_{_SUFFIX[gradient.dtype]}")
+    written = function(
+        gradient.ctypes.data, lower, upper, indices.ctypes.data, values.ctypes.data, starts.ctypes.data,
+        offsets.ctypes.data, room.ctypes.data, counts.ctypes.data, stops.ctypes.data, parts, ctypes.byref(stop),
+    )  # fmt: skip
+    return written, stop.value
+
+
+def part_starts(size: int, parts: int) -> list[int]:
+    """Where each of ``parts`` near-equal parts of ``size`` entries starts, and ``size`` last."""
+    return [size * t // parts for t in range(parts + 1)]
+
+
+def climb(
+    weights: np.ndarray, indices: np.ndarray, offsets: np.ndarray, saved: np.ndarray, threads: int = 1
+) -> None:
+    """``saved = weights[indices]; weights[indices] = offsets + saved`` in one loop (distinct indices, split
+    between ``threads``); ``saved`` may be ``offsets`` itself."""
     function = getattr(_library, f"climb_{_SUFFIX[weights.dtype]}")
-    function(weights.ctypes.data, indices.ctypes.data, offsets.ctypes.data, saved.ctypes.data, indices.size)
+    function(
+        weights.ctypes.data,
+        indices.ctypes.data,
+        offsets.ctypes.data,
+        saved.ctypes.data,
+        indices.size,
+        threads,
+    )
 
 
-def put(weights: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
-    """``weights[indices] = values`` in one loop."""
+def put(weights: np.ndarray, indices: np.ndarray, values: np.ndarray, threads: int = 1) -> None:
+    """``weights[indices] = values`` in one loop (distinct indices, split between ``threads``)."""
     function = getattr(_library, f"put_{_SUFFIX[weights.dtype]}")
-    function(weights.ctypes.data, indices.ctypes.data, values.ctypes.data, indices.size)
+    function(weights.ctypes.data, indices.ctypes.data, values.ctypes.data, indices.size, threads)
