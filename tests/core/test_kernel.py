@@ -109,6 +109,52 @@ def test_collect_in_parts_refuses_buffers_smaller_than_the_room_given():
         kernel.collect_parts(g, -1.0, 1.0, np.empty(10, np.int64), np.empty(10, np.float32), [6, 6])
 
 
+@pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 33, 5000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_deviations_and_the_band_are_numpys(m, dtype):
+    """|values - center| bit for bit as NumPy's subtract and abs (-0.0 becomes +0.0, subnormals stay), the
+    count at or above ``low`` and the band under ``high`` in order, against NumPy doing each."""
+    values = _awkward(m, dtype, seed=m)
+    values = values[np.isfinite(values)]  # the candidates are finite: the finite check comes first
+    if values.size:
+        values[0] = dtype(0.25)  # an entry at the center: a deviation of +0.0
+    center, low, high = dtype(0.25), dtype(0.5), dtype(1.5)
+    want = np.abs(np.subtract(values, center))
+    d, band = np.full(values.size + 3, np.nan, dtype=dtype), np.full(values.size + 3, np.nan, dtype=dtype)
+    at_least_low, in_band = kernel.deviations(values, center, low, high, d, band)
+    assert d[: values.size].tobytes() == want.tobytes()
+    assert at_least_low == np.count_nonzero(want >= low)
+    assert band[:in_band].tobytes() == want[want < high].tobytes()
+    if values.size:
+        with pytest.raises(ValueError, match="cannot hold"):
+            kernel.deviations(values, center, low, high, d[: values.size - 1], band)
+
+
+@pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 40, 5000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_keep_above_is_numpys_compress(collecting_loop, m, dtype):
+    """The entries whose deviation is above the bound (not at it), in order; outputs with exactly the room
+    needed (the vector loop must not store past it), and too little room refused after writing none past."""
+    rng = np.random.default_rng(m)
+    d = rng.integers(0, 8, size=m).astype(dtype)  # many entries equal to the bound
+    indices = np.sort(rng.choice(10 * m + 1, size=m, replace=False)).astype(np.int64)
+    values = rng.standard_normal(m).astype(dtype)
+    bound = dtype(3)
+    keep = d > bound
+    assert kernel.count_above(d, bound) == np.count_nonzero(keep)
+    count = int(np.count_nonzero(keep))
+    out_i, out_v = np.full(count + 16, -1, dtype=np.int64), np.full(count + 16, -1, dtype=dtype)
+    assert kernel.keep_above(indices, values, d, bound, out_i[:count], out_v[:count]) == count
+    np.testing.assert_array_equal(out_i[:count], indices[keep])
+    np.testing.assert_array_equal(out_v[:count], values[keep])
+    assert (out_i[count:] == -1).all() and (out_v[count:] == -1).all()  # nothing past the room
+    if count:
+        short_i, short_v = np.full(count + 16, -1, dtype=np.int64), np.full(count + 16, -1, dtype=dtype)
+        with pytest.raises(ValueError, match="cannot hold"):
+            kernel.keep_above(indices, values, d, bound, short_i[: count - 1], short_v[: count - 1])
+        assert (short_i[count - 1 :] == -1).all() and (short_v[count - 1 :] == -1).all()
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_climb_and_put_do_what_numpy_indexing_does(dtype, threads):

@@ -161,12 +161,17 @@ class _Workspace:
             indices, values = self._candidates[dtype] = grown
         return indices, values
 
-    def deviations(self, dtype: np.dtype, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """A buffer for ``size`` deviations and a mask buffer (``_mask_buffer``) for as many."""
-        d, mask = self._deviations.get(dtype, (np.empty(0, dtype=dtype), None))
+    def deviations(self, dtype: np.dtype, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Buffers for ``size`` deviations and for the band of them near the quantile, and a mask buffer
+        (``_mask_buffer``) for as many."""
+        d, band, mask = self._deviations.get(dtype, (np.empty(0, dtype=dtype), None, None))
         if d.size < size:
-            d, mask = self._deviations[dtype] = np.empty(size, dtype=dtype), _mask_buffer(size)
-        return d[:size], mask
+            d, band, mask = self._deviations[dtype] = (
+                np.empty(size, dtype=dtype),
+                np.empty(size, dtype=dtype),
+                _mask_buffer(size),
+            )
+        return d[:size], band, mask
 
 
 _workspaces = threading.local()
@@ -310,9 +315,15 @@ def _kept_bracketed(
     if low == high and _constant(gradient):
         return torch.empty(0, dtype=torch.long), flat[:0]
     indices, values = _candidates(gradient, float(center), float(low), work, sample >= low)
-    d, mask = work.deviations(gradient.dtype, values.size)
-    np.abs(np.subtract(values, center, out=d), out=d)  # |g - mean| exactly as a full pass computes it
-    below = n - int(np.count_nonzero(d >= low))  # entries under the bound, exactly
+    d, band, mask = work.deviations(gradient.dtype, values.size)
+    # |g - mean| exactly as a full pass computes it; the entries under the bound, exactly; the band under
+    # the sample's upper bound (``_near_the_quantile``)
+    if kernel.supports(values, d):
+        at_least_low, in_band = kernel.deviations(values, float(center), low, high, d, band)
+        below, band = n - at_least_low, band[:in_band]
+    else:
+        np.abs(np.subtract(values, center, out=d), out=d)
+        below, band = n - int(np.count_nonzero(d >= low)), None
     if low == high:  # a run of ties straddles the quantile (e.g. the zero taps of 3x3 kernels on 1x1 maps)
         at_most_high = n - int(np.count_nonzero(d > low))
         if below <= lo and hi < at_most_high:  # both order statistics are the tied value
@@ -322,19 +333,23 @@ def _kept_bracketed(
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
     rank = lo - (n - d.size)
-    threshold = _quantile_of_deviations(_near_the_quantile(d, rank, high, mask), rank, frac, tied)
+    threshold = _quantile_of_deviations(_near_the_quantile(d, rank, high, mask, band), rank, frac, tied)
     return _candidates_above(indices, values, d, threshold, mask, out)
 
 
-def _near_the_quantile(d: np.ndarray, rank: int, high, mask: np.ndarray) -> np.ndarray:
-    """The deviations under the sample's upper bound ``high``, when both order statistics ``rank`` and
-    ``rank + 1`` of ``d`` lie there (they are then the same order statistics of the band); else ``d``.
+def _near_the_quantile(
+    d: np.ndarray, rank: int, high, mask: np.ndarray, band: np.ndarray | None = None
+) -> np.ndarray:
+    """The deviations under the sample's upper bound ``high`` (``band``, when the compiled loop wrote them),
+    when both order statistics ``rank`` and ``rank + 1`` of ``d`` lie there (they are then the same order
+    statistics of the band); else ``d``.
 
     The candidates are the kept ~5% plus the band up to ``high``, a tenth of that size: selecting
     in the band alone costs a comparison pass over the candidates instead of a partition of them.
     """
-    near = np.compress(np.less(d, high, out=mask[: d.size]), d)  # twice as fast as d[mask]
-    return near if near.size > rank + 1 else d
+    if band is None:
+        band = np.compress(np.less(d, high, out=mask[: d.size]), d)  # twice as fast as d[mask]
+    return band if band.size > rank + 1 else d
 
 
 def _constant(gradient: np.ndarray) -> bool:
@@ -347,6 +362,8 @@ def _candidates_above(
     indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, mask: np.ndarray, out: KeptBuffers | None
 ) -> Kept:
     """The candidates whose |g - mean| is above ``bound``, copied out of the workspace (into ``out``)."""
+    if kernel.supports(values, d) and indices.flags.c_contiguous:
+        return _candidates_above_compiled(indices, values, d, bound, out)
     keep = _positions_above(d, bound, buffer=mask)
     if out is None:
         return torch.from_numpy(indices.take(keep)), torch.from_numpy(values.take(keep))
@@ -354,6 +371,22 @@ def _candidates_above(
     np.take(indices, keep, out=held_indices.numpy(), mode="clip")  # "clip": no buffered copy; keep is valid
     np.take(values, keep, out=held_values.numpy(), mode="clip")
     return held_indices, held_values
+
+
+def _candidates_above_compiled(
+    indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, out: KeptBuffers | None
+) -> Kept:
+    """``_candidates_above`` in the compiled loops: a count, then one loop that keeps the entries."""
+    count = kernel.count_above(d, bound)
+    if out is None:
+        kept = (
+            torch.empty(count, dtype=torch.long),
+            torch.empty(count, dtype=torch.from_numpy(values[:0]).dtype),
+        )
+    else:
+        kept = out.hold(count, torch.from_numpy(values[:0]).dtype, torch.device("cpu"))
+    kernel.keep_above(indices, values, d, bound, kept[0].numpy(), kept[1].numpy())
+    return kept
 
 
 def kept_on_cpu(

@@ -41,7 +41,7 @@ _library: ctypes.CDLL | None = None
 _loaded = False
 _parallel = False  # the loops may split work between threads: OpenMP, on torch's runtime
 # Entries below which one thread runs a loop: waking a sleeping worker costs tens of microseconds.
-PARALLEL_ENTRIES = 1 << 15
+PARALLEL_ENTRIES = 1 << 13
 
 
 def _compiler() -> str | None:
@@ -136,6 +136,24 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
             ctypes.c_int,
             ctypes.POINTER(count),
         ]
+        deviations = getattr(library, f"deviations_{suffix}")
+        deviations.restype = count
+        deviations.argtypes = [
+            pointer,
+            count,
+            scalar,
+            scalar,
+            scalar,
+            pointer,
+            pointer,
+            ctypes.POINTER(count),
+        ]
+        above = getattr(library, f"count_above_{suffix}")
+        above.restype = count
+        above.argtypes = [pointer, count, scalar]
+        keep = getattr(library, f"keep_above_{suffix}")
+        keep.restype = count
+        keep.argtypes = [pointer, pointer, pointer, count, scalar, pointer, pointer, count]
         getattr(library, f"climb_{suffix}").argtypes = [
             pointer,
             pointer,
@@ -249,6 +267,52 @@ def collect_parts(
 def part_starts(size: int, parts: int) -> list[int]:
     """Where each of ``parts`` near-equal parts of ``size`` entries starts, and ``size`` last."""
     return [size * t // parts for t in range(parts + 1)]
+
+
+def deviations(values: np.ndarray, center, low, high, d: np.ndarray, band: np.ndarray) -> tuple[int, int]:
+    """``d = |values - center|`` (as NumPy computes it), and the ``d < high`` in order into ``band``, in one
+    loop; returns (how many ``d >= low``, how many went to ``band``). ``d`` and ``band`` hold ``values``."""
+    if min(d.size, band.size) < values.size:
+        raise ValueError(f"buffers of {min(d.size, band.size)} entries cannot hold {values.size} deviations")
+    in_band = ctypes.c_int64()
+    function = getattr(_library, f"deviations_{_SUFFIX[values.dtype]}")
+    at_least_low = function(
+        values.ctypes.data,
+        values.size,
+        center,
+        low,
+        high,
+        d.ctypes.data,
+        band.ctypes.data,
+        ctypes.byref(in_band),
+    )
+    return at_least_low, in_band.value
+
+
+def count_above(d: np.ndarray, bound) -> int:
+    """How many entries of ``d`` are above ``bound``."""
+    return getattr(_library, f"count_above_{_SUFFIX[d.dtype]}")(d.ctypes.data, d.size, bound)
+
+
+def keep_above(
+    indices: np.ndarray,
+    values: np.ndarray,
+    d: np.ndarray,
+    bound,
+    indices_out: np.ndarray,
+    values_out: np.ndarray,
+) -> int:
+    """The ``indices`` and ``values`` where ``d > bound``, in order, into the outputs; returns how many (the
+    loop writes none past the outputs' room: more than fit is an error)."""
+    room = min(indices_out.size, values_out.size)
+    function = getattr(_library, f"keep_above_{_SUFFIX[values.dtype]}")
+    kept = function(
+        indices.ctypes.data, values.ctypes.data, d.ctypes.data, d.size, bound,
+        indices_out.ctypes.data, values_out.ctypes.data, room,
+    )  # fmt: skip
+    if kept > room:
+        raise ValueError(f"outputs of {room} entries cannot hold the {kept} kept")
+    return kept
 
 
 def climb(
