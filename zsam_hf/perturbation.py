@@ -433,7 +433,7 @@ def _split_by_torch_only(entries: int) -> bool:
     """Whether writing ``entries`` scattered entries should go to torch's ``index_copy_``: torch has more
     than one thread, the work is large enough to split, and the compiled loop cannot split it (its
     library has no OpenMP, or another runtime than torch's)."""
-    return torch.get_num_threads() > 1 and entries >= kernel.PARALLEL_ENTRIES and kernel.threads(entries) == 1
+    return torch.get_num_threads() > 1 and entries >= kernel.PARALLEL_SCATTER and kernel.threads(entries) == 1
 
 
 def _can_move(p: torch.Tensor) -> bool:

@@ -213,8 +213,10 @@ def test_the_loops_run_on_torchs_openmp_runtime_and_split_only_large_work(on_tor
     assert "parallel backend: OpenMP" in torch.__config__.parallel_info()
     assert on_torch_threads, "the compiled loops cannot use torch's threads here"
     assert len(kernel._openmp_runtimes()) == 1
-    assert kernel.threads(kernel.PARALLEL_ENTRIES) == 2
-    assert kernel.threads(kernel.PARALLEL_ENTRIES - 1) == 1
+    assert kernel.threads(kernel.PARALLEL_SCATTER) == 2
+    assert kernel.threads(kernel.PARALLEL_SCATTER - 1) == 1
+    assert kernel.threads(kernel.PARALLEL_SCAN, kernel.PARALLEL_SCAN) == 2
+    assert kernel.threads(kernel.PARALLEL_SCAN - 1, kernel.PARALLEL_SCAN) == 1
     assert not kernel.use_threads(False) and kernel.threads(1 << 24) == 1
 
 

@@ -253,7 +253,7 @@ def _candidates(
     """
     lower, upper = _outside_bounds(mean, low, gradient.dtype)
     if kernel.supports(gradient):
-        parts = kernel.threads(gradient.size)
+        parts = kernel.threads(gradient.size, kernel.PARALLEL_SCAN)
         expected = _expected_candidates(in_sample, gradient.size, parts)
         return _candidates_compiled(gradient, lower, upper, work, expected)
     count = 0

@@ -40,8 +40,10 @@ _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _library: ctypes.CDLL | None = None
 _loaded = False
 _parallel = False  # the loops may split work between threads: OpenMP, on torch's runtime
-# Entries below which one thread runs a loop: waking a sleeping worker costs tens of microseconds.
-PARALLEL_ENTRIES = 1 << 13
+# Work below which one thread runs a loop (measured just after a two-thread torch op, 2-core VM): a pass over
+# a gradient gains from two threads from about 400k entries, scattered writes from about 4k.
+PARALLEL_SCAN = 1 << 19
+PARALLEL_SCATTER = 1 << 12
 
 
 def _compiler() -> str | None:
@@ -187,11 +189,11 @@ def library() -> ctypes.CDLL | None:
     return _library
 
 
-def threads(entries: int) -> int:
-    """How many threads the loops split ``entries`` entries between: torch's thread count for work large
-    enough to pay for waking them (``PARALLEL_ENTRIES``), where the loops run on torch's OpenMP runtime
-    (``use_threads``); else 1."""
-    if entries < PARALLEL_ENTRIES or library() is None or not _parallel:
+def threads(entries: int, least: int = PARALLEL_SCATTER) -> int:
+    """How many threads the loops split ``entries`` entries of work between: torch's thread count for at
+    least ``least`` entries (``PARALLEL_SCAN`` for a pass over a gradient, ``PARALLEL_SCATTER`` for scattered
+    writes), where the loops run on torch's OpenMP runtime (``use_threads``); else 1."""
+    if entries < least or library() is None or not _parallel:
         return 1
     import torch
 
