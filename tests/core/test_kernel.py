@@ -317,6 +317,33 @@ def test_a_failed_build_falls_back_to_numpy_with_the_same_answer(monkeypatch, tm
         np.testing.assert_array_equal(ev, gv)
 
 
+def test_a_compiler_without_openmp_builds_loops_that_run_on_one_thread(monkeypatch, tmp_path):
+    """A compiler that refuses ``-fopenmp`` (clang without libomp, say): the library is built without it, the
+    loops run on one thread whatever torch's count, and the filter's answer is the same."""
+    grads = list(_gradients().values())[:1] + [torch.randn(1 << 20, generator=torch.Generator().manual_seed(8))]
+    expected = _kept(grads, 0.95)
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {kernel._compiler()} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setattr(kernel, "_loaded", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setattr(kernel, "_parallel", kernel._parallel)  # restored afterwards, with the library
+    monkeypatch.setattr(kernel, "_cache_dirs", lambda: [tmp_path / "cache"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert kernel.library() is not None and not kernel.library().zsam_entries_openmp()
+        assert kernel.threads(1 << 24) == 1 and not kernel.use_threads(True)
+        for (ei, ev), (gi, gv) in zip(expected, _kept(grads, 0.95)):
+            np.testing.assert_array_equal(ei, gi)
+            np.testing.assert_array_equal(ev, gv)
+    finally:
+        torch.set_num_threads(threads)
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # the failed OpenMP build left no partial file
+
+
 def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(kernel, "_cache_dirs", lambda: [tmp_path])
     first = kernel._build(kernel._compiler())

@@ -16,9 +16,10 @@ If the bound misses (lies above the quantile), an exact full selection takes ove
 tensor: the answer never depends on the sample. Selections go through NumPy's ``partition``
 (both ranks at once, narrowed first by a sample: ``order_statistics.adjacent_in_array``), and the kept
 set's order statistics are selected in the band of candidates under the sample's upper bound. The
-collecting pass is a compiled loop (``kernel.py``, ``entries.c``) where a C compiler built one; else
-NumPy finds positions through ``np.flatnonzero`` on a padded mask (``_set_positions``; faster than
-``torch.nonzero``, and than any word-by-word scheme at every density from 0.5% to 30%, on NumPy 2.0
+collecting pass (split between torch's threads on a large tensor), the candidates' deviations with the
+band, and the kept entries' copy are compiled loops (``kernel.py``, ``entries.c``) where a C compiler built
+them; else NumPy finds positions through ``np.flatnonzero`` on a padded mask (``_set_positions``; faster
+than ``torch.nonzero``, and than any word-by-word scheme at every density from 0.5% to 30%, on NumPy 2.0
 and 2.4).
 """
 

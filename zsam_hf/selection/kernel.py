@@ -6,16 +6,17 @@ was most of what a ZSAM step cost over a SAM step (docs/performance.md). ``entri
 loop (AVX-512 where the CPU has it, chosen at run time, so one build serves any x86-64 CPU).
 
 At more than one torch thread the loops split each large tensor between the threads (``threads``). The
-library is then built with OpenMP and loaded into the process beside torch, so its parallel loops run on
-the OpenMP runtime torch has already loaded: the worker threads torch's last parallel op left spinning on
+library is built with OpenMP and loaded into the process beside torch, so its parallel loops run on the
+OpenMP runtime torch has already loaded: the worker threads torch's last parallel op left spinning on
 the other cores take the work at once. A helper thread of our own would share its core with that spinning
 worker and lose (docs/performance.md). Where the process would end up with a second OpenMP runtime (torch
 built without OpenMP, or with another runtime than the one the compiler links), the loops run on one thread.
 
 The library is built with the system's C compiler (``cc``, or ``$CC``) into a cache directory
 (``$ZSAM_HF_CACHE``, else ``~/.cache/zsam_hf``, else a temporary one), once per source, compiler and
-platform (with OpenMP where the compiler has it, else without), and loaded with ctypes, which releases the GIL during each call. Without a compiler, or with
-``ZSAM_HF_KERNEL=0``, every caller takes its NumPy path: the same results, exactly, more slowly.
+platform (with OpenMP where the compiler has it, else without), and loaded with ctypes, which releases the
+GIL during each call. Without a compiler, or with ``ZSAM_HF_KERNEL=0``, every caller takes its NumPy path:
+the same results, exactly, more slowly.
 """
 
 from __future__ import annotations
