@@ -11,7 +11,10 @@ for bit.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -212,12 +215,33 @@ def test_the_loops_run_on_torchs_openmp_runtime_and_split_only_large_work(on_tor
     use torch's threads (one OpenMP runtime in the process), and only work worth waking them for."""
     assert "parallel backend: OpenMP" in torch.__config__.parallel_info()
     assert on_torch_threads, "the compiled loops cannot use torch's threads here"
-    assert len(kernel._openmp_runtimes()) == 1
+    assert kernel._shares_torch_runtime(kernel.library())
     assert kernel.threads(kernel.PARALLEL_SCATTER) == 2
     assert kernel.threads(kernel.PARALLEL_SCATTER - 1) == 1
     assert kernel.threads(kernel.PARALLEL_SCAN, kernel.PARALLEL_SCAN) == 2
     assert kernel.threads(kernel.PARALLEL_SCAN - 1, kernel.PARALLEL_SCAN) == 1
     assert not kernel.use_threads(False) and kernel.threads(1 << 24) == 1
+
+
+def test_another_openmp_runtime_in_the_process_leaves_the_loops_on_torchs(tmp_path):
+    """scikit-learn and others load their own copy of libgomp; the loops still resolve to torch's runtime and
+    split work. A fresh process loads the compiler's libgomp from its own file (a second runtime) first."""
+    found = subprocess.run(
+        [kernel._compiler(), "-print-file-name=libgomp.so.1"], capture_output=True, text=True
+    )
+    other = os.path.realpath(found.stdout.strip())
+    assert os.path.isfile(other), f"the compiler names no libgomp: {found.stdout!r}"
+    script = (
+        "import ctypes, torch\n"
+        f"ctypes.CDLL({other!r})\n"
+        "from zsam_hf.selection import kernel\n"
+        "maps = {line.split()[-1] for line in open('/proc/self/maps') if 'libgomp' in line}\n"
+        "print(len(maps), kernel.library() is not None, kernel._parallel)\n"
+    )
+    env = {**os.environ, "ZSAM_HF_CACHE": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "True", "True"]  # two runtimes mapped; the loops on torch's
 
 
 def test_each_part_of_a_tensor_gets_room_for_its_own_candidates():
@@ -320,10 +344,14 @@ def test_a_failed_build_falls_back_to_numpy_with_the_same_answer(monkeypatch, tm
 def test_a_compiler_without_openmp_builds_loops_that_run_on_one_thread(monkeypatch, tmp_path):
     """A compiler that refuses ``-fopenmp`` (clang without libomp, say): the library is built without it, the
     loops run on one thread whatever torch's count, and the filter's answer is the same."""
-    grads = list(_gradients().values())[:1] + [torch.randn(1 << 20, generator=torch.Generator().manual_seed(8))]
+    grads = list(_gradients().values())[:1] + [
+        torch.randn(1 << 20, generator=torch.Generator().manual_seed(8))
+    ]
     expected = _kept(grads, 0.95)
     wrapper = tmp_path / "cc-without-openmp"
-    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {kernel._compiler()} "$@"\n')
+    wrapper.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {kernel._compiler()} "$@"\n'
+    )
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
     monkeypatch.setattr(kernel, "_loaded", False)

@@ -9,8 +9,8 @@ At more than one torch thread the loops split each large tensor between the thre
 library is built with OpenMP and loaded into the process beside torch, so its parallel loops run on the
 OpenMP runtime torch has already loaded: the worker threads torch's last parallel op left spinning on
 the other cores take the work at once. A helper thread of our own would share its core with that spinning
-worker and lose (docs/performance.md). Where the process would end up with a second OpenMP runtime (torch
-built without OpenMP, or with another runtime than the one the compiler links), the loops run on one thread.
+worker and lose (docs/performance.md). Where the library's OpenMP entry point is not torch's (torch built
+without OpenMP, or on another runtime than the one the compiler links), the loops run on one thread.
 
 The library is built with the system's C compiler (``cc``, or ``$CC``) into a cache directory
 (``$ZSAM_HF_CACHE``, else ``~/.cache/zsam_hf``, else a temporary one), once per source, compiler and
@@ -89,26 +89,21 @@ def _build(compiler: str, openmp: bool = True) -> Path | None:
     return None
 
 
-def _openmp_runtimes() -> set[str] | None:
-    """The OpenMP runtimes mapped into this process (their files), or None where that cannot be read."""
-    try:
-        with open("/proc/self/maps") as maps:
-            files = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
-    except OSError:
-        return None
-    names = ("libgomp", "libiomp", "libomp")
-    return {os.path.realpath(f) for f in files if os.path.basename(f).startswith(names)}
-
-
-def _shares_torch_runtime() -> bool:
-    """Whether the loaded library's parallel loops run on torch's own OpenMP runtime: torch's parallel
-    backend is OpenMP and exactly one OpenMP runtime is in the process (the library's resolved to it)."""
+def _shares_torch_runtime(library: ctypes.CDLL) -> bool:
+    """Whether ``library``'s parallel loops run on torch's own OpenMP runtime: torch's parallel backend is
+    OpenMP, and the entry point both call to start a parallel region (``GOMP_parallel``) resolves to the
+    same code. Other runtimes may sit in the process (scikit-learn ships its own libgomp) without mattering;
+    a torch on Intel's runtime, or without OpenMP, gives False."""
     import torch  # the selection's other modules import it anyway; here only when the library loads
 
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
-    runtimes = _openmp_runtimes()
-    return runtimes is not None and len(runtimes) == 1
+    try:
+        ours = ctypes.cast(library.GOMP_parallel, ctypes.c_void_p).value
+        torchs = ctypes.cast(ctypes.CDLL(torch._C.__file__).GOMP_parallel, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False
+    return ours is not None and ours == torchs
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
@@ -186,7 +181,9 @@ def library() -> ctypes.CDLL | None:
             _library = None
         if _library is None:
             logger.info("zsam_hf: no C compiler built %s; the CPU filter uses NumPy (slower)", SOURCE.name)
-        _parallel = _library is not None and bool(_library.zsam_entries_openmp()) and _shares_torch_runtime()
+        _parallel = (
+            _library is not None and bool(_library.zsam_entries_openmp()) and _shares_torch_runtime(_library)
+        )
     return _library
 
 
@@ -206,7 +203,7 @@ def use_threads(allow: bool = True) -> bool:
     one thread; returns whether they now may split it."""
     global _parallel
     lib = library()
-    _parallel = bool(allow and lib is not None and lib.zsam_entries_openmp() and _shares_torch_runtime())
+    _parallel = bool(allow and lib is not None and lib.zsam_entries_openmp() and _shares_torch_runtime(lib))
     return _parallel
 
 
