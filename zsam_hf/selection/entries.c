@@ -193,6 +193,25 @@ COLLECT_PARTS(double, f64)
 DEVIATIONS(float, f32, __builtin_fabsf)
 DEVIATIONS(double, f64, __builtin_fabs)
 
+#define KEEP_ABOVE_SCALAR(T, SUFFIX)                                                                   \
+    static int64_t keep_above_scalar_##SUFFIX(const int64_t *idx, const T *val, const T *d, int64_t m,  \
+                                              T bound, int64_t *idx_out, T *val_out, int64_t capacity) { \
+        int64_t c = 0;                                                                                 \
+        for (int64_t j = 0; j < m; j++) {                                                              \
+            if (d[j] > bound) {                                                                        \
+                if (c < capacity) {                                                                    \
+                    idx_out[c] = idx[j];                                                               \
+                    val_out[c] = val[j];                                                               \
+                }                                                                                      \
+                c++;                                                                                   \
+            }                                                                                          \
+        }                                                                                              \
+        return c;                                                                                      \
+    }
+
+KEEP_ABOVE_SCALAR(float, f32)
+KEEP_ABOVE_SCALAR(double, f64)
+
 /* The candidates whose d[j] > bound: their idx and val, in order, into idx_out and val_out, which have
    room for capacity entries (the vector loop stores whole blocks of 16 while they fit, then the rest goes
    entry by entry). Returns how many there are: more than capacity means those past it were not written. */
@@ -212,51 +231,23 @@ __attribute__((target("avx512f"))) static int64_t keep_above_f32_avx512(
                             _mm512_maskz_compress_epi64(high_half, _mm512_loadu_si512(idx + j + 8)));
         c += in_low + __builtin_popcount(high_half);
     }
-    for (; j < m; j++) { /* the tail, and the last blocks, whose full-block stores could overrun */
-        if (d[j] > bound) {
-            if (c < capacity) {
-                idx_out[c] = idx[j];
-                val_out[c] = val[j];
-            }
-            c++;
-        }
-    }
-    return c;
+    /* the tail, and the last blocks, whose full-block stores could overrun */
+    return c + keep_above_scalar_f32(idx + j, val + j, d + j, m - j, bound, idx_out + c, val_out + c, capacity - c);
 }
 #endif
 
 int64_t keep_above_f32(const int64_t *idx, const float *val, const float *d, int64_t m, float bound,
                        int64_t *idx_out, float *val_out, int64_t capacity) {
-    int64_t j = 0, c = 0;
 #if defined(__x86_64__) && defined(__GNUC__)
     COLLECT_INIT
     if (use_avx512) return keep_above_f32_avx512(idx, val, d, m, bound, idx_out, val_out, capacity);
 #endif
-    for (; j < m; j++) {
-        if (d[j] > bound) {
-            if (c < capacity) {
-                idx_out[c] = idx[j];
-                val_out[c] = val[j];
-            }
-            c++;
-        }
-    }
-    return c;
+    return keep_above_scalar_f32(idx, val, d, m, bound, idx_out, val_out, capacity);
 }
 
 int64_t keep_above_f64(const int64_t *idx, const double *val, const double *d, int64_t m, double bound,
                        int64_t *idx_out, double *val_out, int64_t capacity) {
-    int64_t c = 0;
-    for (int64_t j = 0; j < m; j++) {
-        if (d[j] > bound) {
-            if (c < capacity) {
-                idx_out[c] = idx[j];
-                val_out[c] = val[j];
-            }
-            c++;
-        }
-    }
-    return c;
+    return keep_above_scalar_f64(idx, val, d, m, bound, idx_out, val_out, capacity);
 }
 
 /* Whether the loops can use more than one thread (the library was built with OpenMP). */

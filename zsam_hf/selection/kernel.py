@@ -107,60 +107,28 @@ def _shares_torch_runtime(library: ctypes.CDLL) -> bool:
 
 
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
-    pointer, count = ctypes.c_void_p, ctypes.c_int64
+    pointer, count, threads, out = (
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int64),
+    )
     for suffix, scalar in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        collect = getattr(library, f"collect_{suffix}")
-        collect.restype = count
-        collect.argtypes = [
-            pointer,
-            count,
-            count,
-            scalar,
-            scalar,
-            pointer,
-            pointer,
-            count,
-            ctypes.POINTER(count),
-        ]
-        parts = getattr(library, f"collect_parts_{suffix}")
-        parts.restype = count
-        parts.argtypes = [
-            pointer,
-            scalar,
-            scalar,
-            pointer,
-            pointer,
-            *[pointer] * 5,
-            ctypes.c_int,
-            ctypes.POINTER(count),
-        ]
-        deviations = getattr(library, f"deviations_{suffix}")
-        deviations.restype = count
-        deviations.argtypes = [
-            pointer,
-            count,
-            scalar,
-            scalar,
-            scalar,
-            pointer,
-            pointer,
-            ctypes.POINTER(count),
-        ]
-        above = getattr(library, f"count_above_{suffix}")
-        above.restype = count
-        above.argtypes = [pointer, count, scalar]
-        keep = getattr(library, f"keep_above_{suffix}")
-        keep.restype = count
-        keep.argtypes = [pointer, pointer, pointer, count, scalar, pointer, pointer, count]
-        getattr(library, f"climb_{suffix}").argtypes = [
-            pointer,
-            pointer,
-            pointer,
-            pointer,
-            count,
-            ctypes.c_int,
-        ]
-        getattr(library, f"put_{suffix}").argtypes = [pointer, pointer, pointer, count, ctypes.c_int]
+        signatures = {  # name: (return type, argument types), as entries.c declares them
+            "collect": (count, [pointer, count, count, scalar, scalar, pointer, pointer, count, out]),
+            "collect_parts": (
+                count,
+                [pointer, scalar, scalar, pointer, pointer, *[pointer] * 5, threads, out],
+            ),
+            "deviations": (count, [pointer, count, scalar, scalar, scalar, pointer, pointer, out]),
+            "count_above": (count, [pointer, count, scalar]),
+            "keep_above": (count, [pointer, pointer, pointer, count, scalar, pointer, pointer, count]),
+            "climb": (None, [pointer, pointer, pointer, pointer, count, threads]),
+            "put": (None, [pointer, pointer, pointer, count, threads]),
+        }
+        for name, (restype, argtypes) in signatures.items():
+            function = getattr(library, f"{name}_{suffix}")
+            function.restype, function.argtypes = restype, argtypes
     library.zsam_entries_avx512.argtypes = [ctypes.c_int]
     return library
 
