@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from reference import reference_mask
 
 from zsam_hf.perturbation import SharpnessPerturbation
 from zsam_hf.selection import cpu, kept_entries_many, kernel
@@ -272,6 +273,9 @@ def test_the_filter_keeps_the_same_entries_on_torchs_threads_and_on_one(collecti
     big[:, :100] *= 5  # candidates crowd into the columns at every row's start
     grads = [*_gradients().values(), big]
     parallel = _kept(grads, 0.95)
+    for g, (indices, values) in zip(grads, parallel):  # the definition, in float64
+        np.testing.assert_array_equal(indices, np.flatnonzero(reference_mask(g, 0.95)))
+        np.testing.assert_array_equal(values, g.reshape(-1).float().numpy()[indices])
     kernel.use_threads(False)
     for (pi, pv), (si, sv) in zip(parallel, _kept(grads, 0.95)):
         np.testing.assert_array_equal(pi, si)
@@ -295,6 +299,11 @@ def test_the_engine_climbs_and_restores_the_same_bits_on_torchs_threads_and_on_o
 
     assert on_torch_threads and kernel.threads(params[0].numel() // 20) == 2
     parallel = climbed()
+    moved = (
+        (parallel[0] != params[0]).reshape(-1).numpy()
+    )  # only the filter's entries (none has e rounding to 0)
+    np.testing.assert_array_equal(moved, reference_mask(grads[0], 0.95).reshape(-1))
+    assert (parallel[1] != params[1]).all()  # the bias moves everywhere (unfiltered)
     kernel.use_threads(False)
     for a, b in zip(parallel, climbed()):
         assert torch.equal(a, b)

@@ -378,14 +378,11 @@ def _candidates_above_compiled(
     indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, out: KeptBuffers | None
 ) -> Kept:
     """``_candidates_above`` in the compiled loops: a count, then one loop that keeps the entries."""
-    count = kernel.count_above(d, bound)
+    count, dtype = kernel.count_above(d, bound), torch.from_numpy(values[:0]).dtype
     if out is None:
-        kept = (
-            torch.empty(count, dtype=torch.long),
-            torch.empty(count, dtype=torch.from_numpy(values[:0]).dtype),
-        )
+        kept = torch.empty(count, dtype=torch.long), torch.empty(count, dtype=dtype)
     else:
-        kept = out.hold(count, torch.from_numpy(values[:0]).dtype, torch.device("cpu"))
+        kept = out.hold(count, dtype, torch.device("cpu"))
     kernel.keep_above(indices, values, d, bound, kept[0].numpy(), kept[1].numpy())
     return kept
 

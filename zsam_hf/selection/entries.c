@@ -10,6 +10,7 @@
 
    Everything is exact: comparisons and one addition per entry, in the gradient's own type. */
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -64,17 +65,17 @@ static int has_avx512(void) { return 0; }
    count written. */
 static int use_avx512 = -1; /* -1: not asked yet */
 
-/* Chosen before any parallel region, so that the threads only read the choice. */
+/* Chosen at the first call, and before any parallel region, so that the threads only read the choice. */
 #if defined(__x86_64__) && defined(__GNUC__)
-#define COLLECT_INIT if (use_avx512 < 0) use_avx512 = has_avx512();
+#define CHOOSE_AVX512 if (use_avx512 < 0) use_avx512 = has_avx512();
 #else
-#define COLLECT_INIT
+#define CHOOSE_AVX512
 #endif
 
 int64_t collect_f32(const float *g, int64_t start, int64_t n, float lower, float upper, int64_t *idx,
                     float *val, int64_t capacity, int64_t *stop) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (use_avx512 < 0) use_avx512 = has_avx512();
+    CHOOSE_AVX512
     if (use_avx512) return collect_f32_avx512(g, start, n, lower, upper, idx, val, capacity, stop);
 #endif
     int64_t i = start, c = 0;
@@ -142,7 +143,7 @@ CLIMB_AND_PUT(double, f64)
                                    const int64_t *starts, const int64_t *offsets,                      \
                                    const int64_t *capacities, int64_t *counts, int64_t *stops,         \
                                    int parts, int64_t *stop) {                                         \
-        COLLECT_INIT                                                                                   \
+        CHOOSE_AVX512                                                                                  \
         _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1)")               \
         for (int t = 0; t < parts; t++)                                                                \
             counts[t] = collect_##SUFFIX(g, starts[t], starts[t + 1], lower, upper, idx + offsets[t],  \
@@ -190,8 +191,8 @@ COLLECT_PARTS(double, f64)
         return c;                                                                                      \
     }
 
-DEVIATIONS(float, f32, __builtin_fabsf)
-DEVIATIONS(double, f64, __builtin_fabs)
+DEVIATIONS(float, f32, fabsf)
+DEVIATIONS(double, f64, fabs)
 
 #define KEEP_ABOVE_SCALAR(T, SUFFIX)                                                                   \
     static int64_t keep_above_scalar_##SUFFIX(const int64_t *idx, const T *val, const T *d, int64_t m,  \
@@ -239,7 +240,7 @@ __attribute__((target("avx512f"))) static int64_t keep_above_f32_avx512(
 int64_t keep_above_f32(const int64_t *idx, const float *val, const float *d, int64_t m, float bound,
                        int64_t *idx_out, float *val_out, int64_t capacity) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    COLLECT_INIT
+    CHOOSE_AVX512
     if (use_avx512) return keep_above_f32_avx512(idx, val, d, m, bound, idx_out, val_out, capacity);
 #endif
     return keep_above_scalar_f32(idx, val, d, m, bound, idx_out, val_out, capacity);

@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,6 @@ def _shares_torch_runtime(library: ctypes.CDLL) -> bool:
     OpenMP, and the entry point both call to start a parallel region (``GOMP_parallel``) resolves to the
     same code. Other runtimes may sit in the process (scikit-learn ships its own libgomp) without mattering;
     a torch on Intel's runtime, or without OpenMP, gives False."""
-    import torch  # the selection's other modules import it anyway; here only when the library loads
-
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
     try:
@@ -149,10 +148,13 @@ def library() -> ctypes.CDLL | None:
             _library = None
         if _library is None:
             logger.info("zsam_hf: no C compiler built %s; the CPU filter uses NumPy (slower)", SOURCE.name)
-        _parallel = (
-            _library is not None and bool(_library.zsam_entries_openmp()) and _shares_torch_runtime(_library)
-        )
+        _parallel = _can_split(_library)
     return _library
+
+
+def _can_split(library: ctypes.CDLL | None) -> bool:
+    """Whether ``library``'s loops can split work between torch's threads: built with OpenMP, on torch's runtime."""
+    return library is not None and bool(library.zsam_entries_openmp()) and _shares_torch_runtime(library)
 
 
 def threads(entries: int, least: int = PARALLEL_SCATTER) -> int:
@@ -161,8 +163,6 @@ def threads(entries: int, least: int = PARALLEL_SCATTER) -> int:
     writes), where the loops run on torch's OpenMP runtime (``use_threads``); else 1."""
     if entries < least or library() is None or not _parallel:
         return 1
-    import torch
-
     return max(1, torch.get_num_threads())
 
 
@@ -170,8 +170,7 @@ def use_threads(allow: bool = True) -> bool:
     """Let the loops split large work between torch's threads (``allow``, where they can), or keep them on
     one thread; returns whether they now may split it."""
     global _parallel
-    lib = library()
-    _parallel = bool(allow and lib is not None and lib.zsam_entries_openmp() and _shares_torch_runtime(lib))
+    _parallel = allow and _can_split(library())
     return _parallel
 
 
