@@ -113,11 +113,19 @@ def test_collect_in_parts_refuses_buffers_smaller_than_the_room_given():
         kernel.collect_parts(g, -1.0, 1.0, np.empty(10, np.int64), np.empty(10, np.float32), [6, 6])
 
 
+def _per_part(mask: np.ndarray, parts: int) -> list[int]:
+    """How many entries of ``mask`` are set in each of ``parts`` near-equal parts (``kernel.part_starts``)."""
+    starts = kernel.part_starts(mask.size, parts)
+    return [int(np.count_nonzero(mask[starts[t] : starts[t + 1]])) for t in range(parts)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 33, 5000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_deviations_and_the_band_are_numpys(m, dtype):
+def test_deviations_and_the_band_are_numpys(m, dtype, threads):
     """|values - center| bit for bit as NumPy's subtract and abs (-0.0 becomes +0.0, subnormals stay), the
-    count at or above ``low`` and the band under ``high`` in order, against NumPy doing each."""
+    count at or above ``low`` and the band under ``high`` in order, against NumPy doing each; split between
+    threads, the parts' bands follow one another in order."""
     values = _awkward(m, dtype, seed=m)
     values = values[np.isfinite(values)]  # the candidates are finite: the finite check comes first
     if values.size:
@@ -125,38 +133,62 @@ def test_deviations_and_the_band_are_numpys(m, dtype):
     center, low, high = dtype(0.25), dtype(0.5), dtype(1.5)
     want = np.abs(np.subtract(values, center))
     d, band = np.full(values.size + 3, np.nan, dtype=dtype), np.full(values.size + 3, np.nan, dtype=dtype)
-    at_least_low, in_band = kernel.deviations(values, center, low, high, d, band)
+    at_least_low, in_band = kernel.deviations(values, center, low, high, d, band, threads)
     assert d[: values.size].tobytes() == want.tobytes()
     assert at_least_low == np.count_nonzero(want >= low)
     assert band[:in_band].tobytes() == want[want < high].tobytes()
     if values.size:
         with pytest.raises(ValueError, match="cannot hold"):
-            kernel.deviations(values, center, low, high, d[: values.size - 1], band)
+            kernel.deviations(values, center, low, high, d[: values.size - 1], band, threads)
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 40, 5000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_keep_above_is_numpys_compress(collecting_loop, m, dtype):
+def test_keep_above_is_numpys_compress(collecting_loop, m, dtype, parts):
     """The entries whose deviation is above the bound (not at it), in order; outputs with exactly the room
-    needed (the vector loop must not store past it), and too little room refused after writing none past."""
+    needed (the vector loop must not store past it), and too little room refused after writing none past.
+    Split into parts (one thread each), each part's count is NumPy's and the parts' outputs follow one
+    another in order."""
     rng = np.random.default_rng(m)
     d = rng.integers(0, 8, size=m).astype(dtype)  # many entries equal to the bound
     indices = np.sort(rng.choice(10 * m + 1, size=m, replace=False)).astype(np.int64)
     values = rng.standard_normal(m).astype(dtype)
     bound = dtype(3)
     keep = d > bound
-    assert kernel.count_above(d, bound) == np.count_nonzero(keep)
+    counts = kernel.count_above(d, bound, parts)
+    assert counts.tolist() == _per_part(keep, parts)
     count = int(np.count_nonzero(keep))
     out_i, out_v = np.full(count + 16, -1, dtype=np.int64), np.full(count + 16, -1, dtype=dtype)
-    assert kernel.keep_above(indices, values, d, bound, out_i[:count], out_v[:count]) == count
+    split = counts if parts > 1 else None
+    assert kernel.keep_above(indices, values, d, bound, out_i[:count], out_v[:count], split) == count
     np.testing.assert_array_equal(out_i[:count], indices[keep])
     np.testing.assert_array_equal(out_v[:count], values[keep])
     assert (out_i[count:] == -1).all() and (out_v[count:] == -1).all()  # nothing past the room
     if count:
         short_i, short_v = np.full(count + 16, -1, dtype=np.int64), np.full(count + 16, -1, dtype=dtype)
         with pytest.raises(ValueError, match="cannot hold"):
-            kernel.keep_above(indices, values, d, bound, short_i[: count - 1], short_v[: count - 1])
+            kernel.keep_above(indices, values, d, bound, short_i[: count - 1], short_v[: count - 1], split)
         assert (short_i[count - 1 :] == -1).all() and (short_v[count - 1 :] == -1).all()
+
+
+def test_keep_above_in_parts_refuses_counts_that_are_not_the_deviations():
+    """Counts one short in the first part: that part writes no more than its count (the second part's
+    room is untouched by it), and the result is refused."""
+    rng = np.random.default_rng(3)
+    d = rng.integers(0, 8, size=4000).astype(np.float32)
+    indices, values = np.arange(4000, dtype=np.int64), rng.standard_normal(4000).astype(np.float32)
+    bound = 3.0
+    counts = kernel.count_above(d, bound, 2)
+    wrong = counts - np.array([1, 0])
+    out_i, out_v = np.full(counts.sum(), -1, dtype=np.int64), np.full(counts.sum(), -1, dtype=np.float32)
+    with pytest.raises(ValueError, match="are not those of d"):
+        kernel.keep_above(indices, values, d, bound, out_i, out_v, wrong)
+    first = indices[:2000][d[:2000] > bound]
+    np.testing.assert_array_equal(out_i[: wrong[0]], first[: wrong[0]])
+    second = indices[2000:][d[2000:] > bound]
+    np.testing.assert_array_equal(out_i[wrong[0] : wrong[0] + wrong[1]], second)
+    assert out_i[-1] == -1  # the entry the first part had no room for was not written anywhere
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -221,6 +253,8 @@ def test_the_loops_run_on_torchs_openmp_runtime_and_split_only_large_work(on_tor
     assert kernel.threads(kernel.PARALLEL_SCATTER - 1) == 1
     assert kernel.threads(kernel.PARALLEL_SCAN, kernel.PARALLEL_SCAN) == 2
     assert kernel.threads(kernel.PARALLEL_SCAN - 1, kernel.PARALLEL_SCAN) == 1
+    assert kernel.threads(kernel.PARALLEL_CANDIDATES, kernel.PARALLEL_CANDIDATES) == 2
+    assert kernel.threads(kernel.PARALLEL_CANDIDATES - 1, kernel.PARALLEL_CANDIDATES) == 1
     assert not kernel.use_threads(False) and kernel.threads(1 << 24) == 1
 
 
@@ -272,6 +306,9 @@ def test_the_filter_keeps_the_same_entries_on_torchs_threads_and_on_one(collecti
     big = torch.randn(1 << 20, generator=torch.Generator().manual_seed(6)).reshape(1024, 1024)
     big[:, :100] *= 5  # candidates crowd into the columns at every row's start
     grads = [*_gradients().values(), big]
+    # the collecting pass, the candidates' deviations and the kept entries' copy all split
+    assert kernel.threads(big.numel(), kernel.PARALLEL_SCAN) == 2
+    assert kernel.threads(big.numel() // 20, kernel.PARALLEL_CANDIDATES) == 2
     parallel = _kept(grads, 0.95)
     for g, (indices, values) in zip(grads, parallel):  # the definition, in float64
         np.testing.assert_array_equal(indices, np.flatnonzero(reference_mask(g, 0.95)))

@@ -320,7 +320,8 @@ def _kept_bracketed(
     # |g - mean| exactly as a full pass computes it; the entries under the bound, exactly; the band under
     # the sample's upper bound (``_near_the_quantile``)
     if kernel.supports(values, d):
-        at_least_low, in_band = kernel.deviations(values, float(center), low, high, d, band)
+        threads = kernel.threads(values.size, kernel.PARALLEL_CANDIDATES)
+        at_least_low, in_band = kernel.deviations(values, float(center), low, high, d, band, threads)
         below, band = n - at_least_low, band[:in_band]
     else:
         np.abs(np.subtract(values, center, out=d), out=d)
@@ -377,13 +378,15 @@ def _candidates_above(
 def _candidates_above_compiled(
     indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, out: KeptBuffers | None
 ) -> Kept:
-    """``_candidates_above`` in the compiled loops: a count, then one loop that keeps the entries."""
-    count, dtype = kernel.count_above(d, bound), torch.from_numpy(values[:0]).dtype
+    """``_candidates_above`` in the compiled loops: a count, then one loop that keeps the entries (each split
+    between torch's threads when there are enough candidates)."""
+    counts = kernel.count_above(d, bound, kernel.threads(d.size, kernel.PARALLEL_CANDIDATES))
+    count, dtype = int(counts.sum()), torch.from_numpy(values[:0]).dtype
     if out is None:
         kept = torch.empty(count, dtype=torch.long), torch.empty(count, dtype=dtype)
     else:
         kept = out.hold(count, dtype, torch.device("cpu"))
-    kernel.keep_above(indices, values, d, bound, kept[0].numpy(), kept[1].numpy())
+    kernel.keep_above(indices, values, d, bound, kept[0].numpy(), kept[1].numpy(), counts)
     return kept
 
 

@@ -166,29 +166,52 @@ COLLECT_PARTS(double, f64)
 
 /* After the collecting pass, over the candidates (a few percent of the tensor, in cache): NumPy takes a
    pass per step of each below (subtract, abs, two comparisons, a count, a compress, positions, two
-   gathers), at 3-4 ns a candidate in all on our 2-core VM. */
+   gathers), at 3-4 ns a candidate in all on our 2-core VM. Each loop splits the candidates into ``parts``
+   near-equal parts, m * t / parts to m * (t + 1) / parts (kernel.part_starts), one thread each; the
+   results are the one-part results, entry for entry. */
+
+#define PART_START(m, t, parts) ((m) * (int64_t)(t) / (parts))
 
 #define DEVIATIONS(T, SUFFIX, ABS)                                                                          \
     /* d[j] = |val[j] - center|, as NumPy's subtract and abs compute it in T; returns how many d[j] >=  \
-       low, and writes the d[j] < high, in order, to band (their count to *in_band). */                 \
+       low, and writes the d[j] < high, in order, to band (their count to *in_band). Each part writes   \
+       its band entries from its own start, and the parts are then moved to follow one another. */      \
     int64_t deviations_##SUFFIX(const T *val, int64_t m, T center, T low, T high, T *d, T *band,       \
-                                int64_t *in_band) {                                                    \
-        int64_t at_least_low = 0, b = 0;                                                               \
-        for (int64_t j = 0; j < m; j++) {                                                              \
-            T dev = ABS(val[j] - center); /* the sign bit cleared, as NumPy's abs does */              \
-            d[j] = dev;                                                                                \
-            at_least_low += dev >= low;                                                                \
-            band[b] = dev;                                                                             \
-            b += dev < high;                                                                           \
+                                int64_t *in_band, int parts) {                                         \
+        int64_t at_least_low = 0, in_part[parts];                                                      \
+        _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1) reduction(+:at_least_low)") \
+        for (int t = 0; t < parts; t++) {                                                              \
+            int64_t start = PART_START(m, t, parts), end = PART_START(m, t + 1, parts), b = start;      \
+            for (int64_t j = start; j < end; j++) {                                                    \
+                T dev = ABS(val[j] - center); /* the sign bit cleared, as NumPy's abs does */          \
+                d[j] = dev;                                                                            \
+                at_least_low += dev >= low;                                                            \
+                band[b] = dev;                                                                         \
+                b += dev < high;                                                                       \
+            }                                                                                          \
+            in_part[t] = b - start;                                                                    \
+        }                                                                                              \
+        int64_t b = 0;                                                                                 \
+        for (int t = 0; t < parts; t++) {                                                              \
+            int64_t start = PART_START(m, t, parts);                                                   \
+            if (start != b) memmove(band + b, band + start, (size_t)in_part[t] * sizeof(T));           \
+            b += in_part[t];                                                                           \
         }                                                                                              \
         *in_band = b;                                                                                  \
         return at_least_low;                                                                           \
     }                                                                                                  \
-    /* How many d[j] > bound. */                                                                       \
-    int64_t count_above_##SUFFIX(const T *d, int64_t m, T bound) {                                     \
-        int64_t c = 0;                                                                                 \
-        for (int64_t j = 0; j < m; j++) c += d[j] > bound;                                             \
-        return c;                                                                                      \
+    /* How many d[j] > bound: in all (returned), and in each part (counts[t]). */                      \
+    int64_t count_above_##SUFFIX(const T *d, int64_t m, T bound, int64_t *counts, int parts) {         \
+        int64_t total = 0;                                                                             \
+        _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1) reduction(+:total)") \
+        for (int t = 0; t < parts; t++) {                                                              \
+            int64_t c = 0;                                                                             \
+            for (int64_t j = PART_START(m, t, parts); j < PART_START(m, t + 1, parts); j++)            \
+                c += d[j] > bound;                                                                     \
+            counts[t] = c;                                                                             \
+            total += c;                                                                                \
+        }                                                                                              \
+        return total;                                                                                  \
     }
 
 DEVIATIONS(float, f32, fabsf)
@@ -250,6 +273,29 @@ int64_t keep_above_f64(const int64_t *idx, const double *val, const double *d, i
                        int64_t *idx_out, double *val_out, int64_t capacity) {
     return keep_above_scalar_f64(idx, val, d, m, bound, idx_out, val_out, capacity);
 }
+
+#define KEEP_ABOVE_PARTS(T, SUFFIX)                                                                    \
+    /* keep_above over ``parts`` parts, one thread each: part t writes from the sum of counts[0:t], with  \
+       room for counts[t] entries (count_above's counts for the same d and bound), so the outputs follow \
+       one another in order. Returns how many entries are above the bound: more than the counts' sum    \
+       means counts were not d's (and no part wrote past its room). */                                   \
+    int64_t keep_above_parts_##SUFFIX(const int64_t *idx, const T *val, const T *d, int64_t m, T bound,   \
+                                      int64_t *idx_out, T *val_out, const int64_t *counts, int parts) {   \
+        CHOOSE_AVX512                                                                                  \
+        int64_t kept = 0;                                                                              \
+        _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1) reduction(+:kept)") \
+        for (int t = 0; t < parts; t++) {                                                              \
+            int64_t start = PART_START(m, t, parts), offset = 0;                                       \
+            for (int u = 0; u < t; u++) offset += counts[u];                                           \
+            kept += keep_above_##SUFFIX(idx + start, val + start, d + start,                           \
+                                        PART_START(m, t + 1, parts) - start, bound, idx_out + offset,  \
+                                        val_out + offset, counts[t]);                                  \
+        }                                                                                              \
+        return kept;                                                                                   \
+    }
+
+KEEP_ABOVE_PARTS(float, f32)
+KEEP_ABOVE_PARTS(double, f64)
 
 /* Whether the loops can use more than one thread (the library was built with OpenMP). */
 int zsam_entries_openmp(void) {

@@ -43,9 +43,11 @@ _library: ctypes.CDLL | None = None
 _loaded = False
 _parallel = False  # the loops may split work between threads: OpenMP, on torch's runtime
 # Work below which one thread runs a loop (measured just after a two-thread torch op, 2-core VM): a pass over
-# a gradient gains from two threads from about 400k entries, scattered writes from about 4k.
+# a gradient gains from two threads from about 400k entries, scattered writes from about 4k, the passes over
+# the candidates (in cache) from about 8k.
 PARALLEL_SCAN = 1 << 19
 PARALLEL_SCATTER = 1 << 12
+PARALLEL_CANDIDATES = 1 << 13
 
 
 def _compiler() -> str | None:
@@ -119,9 +121,12 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
                 count,
                 [pointer, scalar, scalar, pointer, pointer, *[pointer] * 5, threads, out],
             ),
-            "deviations": (count, [pointer, count, scalar, scalar, scalar, pointer, pointer, out]),
-            "count_above": (count, [pointer, count, scalar]),
-            "keep_above": (count, [pointer, pointer, pointer, count, scalar, pointer, pointer, count]),
+            "deviations": (count, [pointer, count, scalar, scalar, scalar, pointer, pointer, out, threads]),
+            "count_above": (count, [pointer, count, scalar, pointer, threads]),
+            "keep_above_parts": (
+                count,
+                [pointer, pointer, pointer, count, scalar, pointer, pointer, pointer, threads],
+            ),
             "climb": (None, [pointer, pointer, pointer, pointer, count, threads]),
             "put": (None, [pointer, pointer, pointer, count, threads]),
         }
@@ -160,7 +165,8 @@ def _can_split(library: ctypes.CDLL | None) -> bool:
 def threads(entries: int, least: int = PARALLEL_SCATTER) -> int:
     """How many threads the loops split ``entries`` entries of work between: torch's thread count for at
     least ``least`` entries (``PARALLEL_SCAN`` for a pass over a gradient, ``PARALLEL_SCATTER`` for scattered
-    writes), where the loops run on torch's OpenMP runtime (``use_threads``); else 1."""
+    writes, ``PARALLEL_CANDIDATES`` for a pass over the candidates), where the loops run on torch's OpenMP
+    runtime (``use_threads``); else 1."""
     if entries < least or library() is None or not _parallel:
         return 1
     return max(1, torch.get_num_threads())
@@ -181,6 +187,11 @@ def use_avx512(allow: bool = True) -> bool:
     return bool(lib is not None and lib.zsam_entries_avx512(int(allow)))
 
 
+def _loop(name: str, dtype: np.dtype):
+    """The compiled loop ``name`` for ``dtype`` (the library loaded first, if no caller has loaded it)."""
+    return getattr(library(), f"{name}_{_SUFFIX[dtype]}")
+
+
 def supports(*arrays: np.ndarray) -> bool:
     """Whether the compiled loops take these arrays: the library is there, all float32 or all float64,
     each contiguous (the loops walk raw pointers)."""
@@ -198,7 +209,7 @@ def collect(
     """Candidates of ``gradient[start:]`` (g <= lower or g >= upper) into ``indices`` and ``values`` from
     their first entry, until they are full; returns (how many were written, where the pass stopped)."""
     stop = ctypes.c_int64()
-    function = getattr(_library, f"collect_{_SUFFIX[gradient.dtype]}")
+    function = _loop("collect", gradient.dtype)
     written = function(
         gradient.ctypes.data, start, gradient.size, lower, upper,
         indices.ctypes.data, values.ctypes.data, min(indices.size, values.size), ctypes.byref(stop),
@@ -223,7 +234,7 @@ def collect_parts(
             f"buffers of {min(indices.size, values.size)} entries cannot hold capacities {capacities}"
         )
     counts, stops, stop = np.empty(parts, dtype=np.int64), np.empty(parts, dtype=np.int64), ctypes.c_int64()
-    function = getattr(_library, f"collect_parts_{_SUFFIX[gradient.dtype]}")
+    function = _loop("collect_parts", gradient.dtype)
     written = function(
         gradient.ctypes.data, lower, upper, indices.ctypes.data, values.ctypes.data, starts.ctypes.data,
         offsets.ctypes.data, room.ctypes.data, counts.ctypes.data, stops.ctypes.data, parts, ctypes.byref(stop),
@@ -236,29 +247,29 @@ def part_starts(size: int, parts: int) -> list[int]:
     return [size * t // parts for t in range(parts + 1)]
 
 
-def deviations(values: np.ndarray, center, low, high, d: np.ndarray, band: np.ndarray) -> tuple[int, int]:
+def deviations(
+    values: np.ndarray, center, low, high, d: np.ndarray, band: np.ndarray, threads: int = 1
+) -> tuple[int, int]:
     """``d = |values - center|`` (as NumPy computes it), and the ``d < high`` in order into ``band``, in one
-    loop; returns (how many ``d >= low``, how many went to ``band``). ``d`` and ``band`` hold ``values``."""
+    loop (split between ``threads``); returns (how many ``d >= low``, how many went to ``band``). ``d`` and
+    ``band`` hold ``values``."""
     if min(d.size, band.size) < values.size:
         raise ValueError(f"buffers of {min(d.size, band.size)} entries cannot hold {values.size} deviations")
     in_band = ctypes.c_int64()
-    function = getattr(_library, f"deviations_{_SUFFIX[values.dtype]}")
+    function = _loop("deviations", values.dtype)
     at_least_low = function(
-        values.ctypes.data,
-        values.size,
-        center,
-        low,
-        high,
-        d.ctypes.data,
-        band.ctypes.data,
-        ctypes.byref(in_band),
-    )
+        values.ctypes.data, values.size, center, low, high, d.ctypes.data, band.ctypes.data,
+        ctypes.byref(in_band), threads,
+    )  # fmt: skip
     return at_least_low, in_band.value
 
 
-def count_above(d: np.ndarray, bound) -> int:
-    """How many entries of ``d`` are above ``bound``."""
-    return getattr(_library, f"count_above_{_SUFFIX[d.dtype]}")(d.ctypes.data, d.size, bound)
+def count_above(d: np.ndarray, bound, parts: int = 1) -> np.ndarray:
+    """How many entries of ``d`` are above ``bound`` in each of ``parts`` near-equal parts (``part_starts``),
+    one thread each."""
+    counts = np.empty(parts, dtype=np.int64)
+    _loop("count_above", d.dtype)(d.ctypes.data, d.size, bound, counts.ctypes.data, parts)
+    return counts
 
 
 def keep_above(
@@ -268,17 +279,27 @@ def keep_above(
     bound,
     indices_out: np.ndarray,
     values_out: np.ndarray,
+    counts: np.ndarray | None = None,
 ) -> int:
-    """The ``indices`` and ``values`` where ``d > bound``, in order, into the outputs; returns how many (the
-    loop writes none past the outputs' room: more than fit is an error)."""
+    """The ``indices`` and ``values`` where ``d > bound``, in order, into the outputs; returns how many.
+
+    ``counts`` (``count_above``'s for the same ``d`` and ``bound``) splits the work into as many parts, one
+    thread each, each writing where the parts before it end. The loops write none past the outputs' room
+    (nor past a part's count): more than fit, or counts that are not ``d``'s, is an error."""
     room = min(indices_out.size, values_out.size)
-    function = getattr(_library, f"keep_above_{_SUFFIX[values.dtype]}")
+    rooms = np.array([room] if counts is None else counts, dtype=np.int64)  # one part: all the room
+    expected = int(rooms.sum())
+    if expected > room:
+        raise ValueError(f"outputs of {room} entries cannot hold the {expected} counted")
+    function = _loop("keep_above_parts", values.dtype)
     kept = function(
         indices.ctypes.data, values.ctypes.data, d.ctypes.data, d.size, bound,
-        indices_out.ctypes.data, values_out.ctypes.data, room,
+        indices_out.ctypes.data, values_out.ctypes.data, rooms.ctypes.data, rooms.size,
     )  # fmt: skip
     if kept > room:
         raise ValueError(f"outputs of {room} entries cannot hold the {kept} kept")
+    if counts is not None and kept != expected:
+        raise ValueError(f"counts {rooms.tolist()} are not those of d above {bound}: {kept} are")
     return kept
 
 
@@ -287,7 +308,7 @@ def climb(
 ) -> None:
     """``saved = weights[indices]; weights[indices] = offsets + saved`` in one loop (distinct indices, split
     between ``threads``); ``saved`` may be ``offsets`` itself."""
-    function = getattr(_library, f"climb_{_SUFFIX[weights.dtype]}")
+    function = _loop("climb", weights.dtype)
     function(
         weights.ctypes.data,
         indices.ctypes.data,
@@ -300,5 +321,5 @@ def climb(
 
 def put(weights: np.ndarray, indices: np.ndarray, values: np.ndarray, threads: int = 1) -> None:
     """``weights[indices] = values`` in one loop (distinct indices, split between ``threads``)."""
-    function = getattr(_library, f"put_{_SUFFIX[weights.dtype]}")
+    function = _loop("put", weights.dtype)
     function(weights.ctypes.data, indices.ctypes.data, values.ctypes.data, indices.size, threads)
