@@ -142,6 +142,57 @@ def test_deviations_and_the_band_are_numpys(m, dtype, threads):
             kernel.deviations(values, center, low, high, d[: values.size - 1], band, threads)
 
 
+def _bands(dtype) -> dict[str, tuple[np.ndarray, float, float]]:
+    """Non-negative bands with their bounds: spread over the bounds, some entries under ``low`` (the
+    candidates the rounding slack lets in) and over ``high``, runs of ties, subnormals and zeros, one value
+    throughout, bounds that are equal, and bounds far wider and far narrower than the entries."""
+    rng = np.random.default_rng(5)
+    spread = (1.9 + 0.2 * rng.random(30_000)).astype(dtype)
+    spread[:40] = dtype(1.85)  # under low
+    spread[40:60] = dtype(2.2)  # over high
+    tied = np.repeat(np.array([1.0, 2.0, 2.0, 2.0, 3.0], dtype=dtype), 2_000)
+    rng.shuffle(tied)
+    tiny = np.abs(rng.standard_normal(3_000)).astype(dtype) * np.finfo(dtype).smallest_subnormal * 7
+    tiny[::5] = 0
+    return {
+        "spread": (spread, 1.9, 2.1),
+        "tied": (tied, 1.0, 3.0),
+        "subnormal": (tiny, 0.0, float(tiny.max())),
+        "constant": (np.full(1_000, dtype(0.5)), 0.5, 0.5),
+        "wide bounds": (spread, 0.0, float(np.finfo(dtype).max)),
+        "narrow bounds": (spread, 2.0, float(np.nextafter(dtype(2.0), dtype(3.0)))),
+    }
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_keeps_the_two_order_statistics_among_the_entries_it_moves(dtype):
+    """For ranks at both ends and in the middle, the moved entries hold order statistics ``rank`` and
+    ``rank + 1`` of the band at ``rank - below`` and ``rank + 1 - below``. They are exactly the band's entries
+    between the least and the greatest moved, in the band's order, and ``below`` entries lie under them;
+    within the bounds, a spread band narrows to a few dozen entries."""
+    for name, (band, low, high) in _bands(dtype).items():
+        ordered = np.sort(band)
+        m = band.size
+        for rank in sorted({0, 1, m // 3, m // 2, m - 3, m - 2}):
+            work = band.copy()
+            moved, below = kernel.narrow(work, low, high, rank)
+            near = work[:moved]
+            pair = np.sort(near)[[rank - below, rank + 1 - below]]
+            assert pair.tolist() == ordered[[rank, rank + 1]].tolist(), (name, rank)
+            inside = (band >= near.min()) & (band <= near.max())
+            assert near.tobytes() == band[inside].tobytes(), (name, rank)
+            assert below == np.count_nonzero(band < near.min()), (name, rank)
+            if name == "spread" and 60 <= rank < m - 60:
+                assert moved <= 100, (rank, moved)
+
+
+def test_narrow_refuses_ranks_outside_the_band():
+    band = np.ones(10, dtype=np.float32)
+    for rank in (-1, 9, 10):
+        with pytest.raises(ValueError, match="order statistics"):
+            kernel.narrow(band, 0.0, 2.0, rank)
+
+
 @pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 40, 5000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

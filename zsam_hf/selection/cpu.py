@@ -15,9 +15,10 @@ For each large tensor:
 If the bound misses (lies above the quantile), an exact full selection takes over for that
 tensor: the answer never depends on the sample. Selections go through NumPy's ``partition``
 (both ranks at once, narrowed first by a sample: ``order_statistics.adjacent_in_array``), and the kept
-set's order statistics are selected in the band of candidates under the sample's upper bound. The
-collecting pass (split between torch's threads on a large tensor), the candidates' deviations with the
-band, and the kept entries' copy are compiled loops (``kernel.py``, ``entries.c``) where a C compiler built
+set's order statistics are selected in the band of candidates under the sample's upper bound (narrowed
+first to the few entries of the buckets that hold them, in one compiled call). The collecting pass, the
+candidates' deviations with the band, and the kept entries' copy (each split between torch's threads when
+large) are compiled loops (``kernel.py``, ``entries.c``) where a C compiler built
 them; else NumPy finds positions through ``np.flatnonzero`` on a padded mask (``_set_positions``; faster
 than ``torch.nonzero``, and than any word-by-word scheme at every density from 0.5% to 30%, on NumPy 2.0
 and 2.4).
@@ -335,7 +336,11 @@ def _kept_bracketed(
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
     rank = lo - (n - d.size)
-    threshold = _quantile_of_deviations(_near_the_quantile(d, rank, high, mask, band), rank, frac, tied)
+    near = _near_the_quantile(d, rank, high, mask, band)
+    if near is band and kernel.supports(band):  # the compiled band: narrowed to a few entries in one call
+        moved, below = kernel.narrow(band, low, high, rank)
+        near, rank, tied = band[:moved], rank - below, None
+    threshold = _quantile_of_deviations(near, rank, frac, tied)
     return _candidates_above(indices, values, d, threshold, mask, out)
 
 

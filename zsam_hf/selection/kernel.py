@@ -123,6 +123,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
             ),
             "deviations": (count, [pointer, count, scalar, scalar, scalar, pointer, pointer, out, threads]),
             "count_above": (count, [pointer, count, scalar, pointer, threads]),
+            "narrow": (count, [pointer, count, scalar, scalar, count, out]),
             "keep_above_parts": (
                 count,
                 [pointer, pointer, pointer, count, scalar, pointer, pointer, pointer, threads],
@@ -262,6 +263,18 @@ def deviations(
         ctypes.byref(in_band), threads,
     )  # fmt: skip
     return at_least_low, in_band.value
+
+
+def narrow(band: np.ndarray, low, high, rank: int) -> tuple[int, int]:
+    """Order statistics ``rank`` and ``rank + 1`` of ``band`` (non-negative), narrowed in place to the few
+    entries near them: those of the buckets of [``low``, ``high``] that hold the two are moved, in order, to
+    the front of ``band``. Returns (how many moved, how many entries of ``band`` lie below them): the two
+    are then the moved entries' order statistics ``rank - below`` and ``rank + 1 - below``."""
+    if not 0 <= rank < band.size - 1:
+        raise ValueError(f"order statistics {rank} and {rank + 1} of {band.size} entries")
+    below = ctypes.c_int64()
+    moved = _loop("narrow", band.dtype)(band.ctypes.data, band.size, low, high, rank, ctypes.byref(below))
+    return moved, below.value
 
 
 def count_above(d: np.ndarray, bound, parts: int = 1) -> np.ndarray:
