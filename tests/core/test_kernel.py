@@ -66,7 +66,7 @@ def test_collect_finds_what_numpy_finds(collecting_loop, n, dtype, bounds):
     g = _awkward(n, dtype, seed=n)
     lower, upper = (dtype(b) for b in bounds)
     want = np.flatnonzero((g >= upper) | (g <= lower))
-    indices, values = np.empty(37, dtype=np.int64), np.empty(37, dtype=dtype)
+    indices, values = np.empty(37, dtype=np.int32), np.empty(37, dtype=dtype)
     found_indices, found_values, start = [], [], 0
     while True:
         written, start = kernel.collect(g, start, lower, upper, indices, values)
@@ -89,7 +89,7 @@ def test_collect_in_parts_finds_what_numpy_finds(collecting_loop, parts, room, d
     g = _awkward(n, dtype, seed=parts)
     lower, upper = dtype(-1.5), dtype(1.5)
     want = np.flatnonzero((g >= upper) | (g <= lower))
-    indices, values = np.empty(room * parts, dtype=np.int64), np.empty(room * parts, dtype=dtype)
+    indices, values = np.empty(room * parts, dtype=np.int32), np.empty(room * parts, dtype=dtype)
     count, start = kernel.collect_parts(g, lower, upper, indices, values, [room] * parts)
     if room * parts > want.size:
         assert start == n and count == want.size
@@ -110,7 +110,45 @@ def test_collect_in_parts_finds_what_numpy_finds(collecting_loop, parts, room, d
 def test_collect_in_parts_refuses_buffers_smaller_than_the_room_given():
     g = np.zeros(100, dtype=np.float32)
     with pytest.raises(ValueError, match="cannot hold capacities"):
-        kernel.collect_parts(g, -1.0, 1.0, np.empty(10, np.int64), np.empty(10, np.float32), [6, 6])
+        kernel.collect_parts(g, -1.0, 1.0, np.empty(10, np.int32), np.empty(10, np.float32), [6, 6])
+
+
+def test_the_loops_refuse_indices_of_another_width():
+    """The collecting loops write 32-bit indices, and the kept entries' copy reads them and writes 64-bit
+    ones: a buffer of another width is refused, not misread."""
+    g = np.zeros(100, dtype=np.float32)
+    values = np.empty(100, dtype=np.float32)
+    with pytest.raises(ValueError, match="int32 indices"):
+        kernel.collect(g, 0, -1.0, 1.0, np.empty(100, np.int64), values)
+    with pytest.raises(ValueError, match="int32 indices"):
+        kernel.collect_parts(g, -1.0, 1.0, np.empty(100, np.int64), values, [50, 50])
+    d, out = np.ones(100, dtype=np.float32), np.empty(100, dtype=np.float32)
+    with pytest.raises(ValueError, match="reads int32 indices and writes int64"):
+        kernel.keep_above(np.arange(100, dtype=np.int64), values, d, 0.5, np.empty(100, np.int64), out)
+    with pytest.raises(ValueError, match="reads int32 indices and writes int64"):
+        kernel.keep_above(np.arange(100, dtype=np.int32), values, d, 0.5, np.empty(100, np.int32), out)
+
+
+def test_a_gradient_beyond_32_bit_indices_takes_numpys_path(monkeypatch):
+    """A gradient of more than ``kernel.MAX_ENTRIES`` entries (2^31: made small here) is collected by NumPy
+    with 64-bit indices and its kept entries copied by NumPy: the same kept entries as the compiled loops."""
+    g = torch.randn(300_000, generator=torch.Generator().manual_seed(8)).reshape(300, 1000)
+    compiled = _kept([g], 0.95)[0]
+    collected = []
+    original = cpu._candidates
+
+    def spy(*args):
+        indices, values = original(*args)
+        collected.append(indices.dtype)
+        return indices, values
+
+    monkeypatch.setattr(kernel, "MAX_ENTRIES", 299_999)
+    monkeypatch.setattr(cpu, "_candidates", spy)
+    beyond = _kept([g], 0.95)[0]
+    assert collected == [np.dtype(np.int64)]
+    np.testing.assert_array_equal(beyond[0], compiled[0])
+    np.testing.assert_array_equal(beyond[1], compiled[1])
+    np.testing.assert_array_equal(compiled[0], np.flatnonzero(reference_mask(g, 0.95)))
 
 
 def _per_part(mask: np.ndarray, parts: int) -> list[int]:
@@ -203,7 +241,7 @@ def test_keep_above_is_numpys_compress(collecting_loop, m, dtype, parts):
     another in order."""
     rng = np.random.default_rng(m)
     d = rng.integers(0, 8, size=m).astype(dtype)  # many entries equal to the bound
-    indices = np.sort(rng.choice(10 * m + 1, size=m, replace=False)).astype(np.int64)
+    indices = np.sort(rng.choice(10 * m + 1, size=m, replace=False)).astype(np.int32)
     values = rng.standard_normal(m).astype(dtype)
     bound = dtype(3)
     keep = d > bound
@@ -228,7 +266,7 @@ def test_keep_above_in_parts_refuses_counts_that_are_not_the_deviations():
     room is untouched by it), and the result is refused."""
     rng = np.random.default_rng(3)
     d = rng.integers(0, 8, size=4000).astype(np.float32)
-    indices, values = np.arange(4000, dtype=np.int64), rng.standard_normal(4000).astype(np.float32)
+    indices, values = np.arange(4000, dtype=np.int32), rng.standard_normal(4000).astype(np.float32)
     bound = 3.0
     counts = kernel.count_above(d, bound, 2)
     wrong = counts - np.array([1, 0])

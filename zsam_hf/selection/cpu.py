@@ -149,18 +149,23 @@ class _Workspace:
     def __init__(self):
         self.mask = _mask_buffer(CHUNK)  # g >= upper, then the union
         self.low_side = np.empty(CHUNK, dtype=bool)  # g <= lower
-        self._candidates: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
+        self._candidates: dict[tuple[np.dtype, np.dtype], tuple[np.ndarray, np.ndarray]] = {}
         self._deviations: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
 
-    def candidates(self, dtype: np.dtype, needed: int, kept: int) -> tuple[np.ndarray, np.ndarray]:
-        """Index and value buffers of at least ``needed`` entries, the first ``kept`` preserved. They grow by
-        a quarter at least, not double: they stay resident between steps, and count in the step's peak."""
-        indices, values = self._candidates.get(dtype, (np.empty(0, dtype=np.int64), np.empty(0, dtype=dtype)))
+    def candidates(
+        self, dtype: np.dtype, needed: int, kept: int, index: np.dtype = np.dtype(np.int64)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Index (of type ``index``) and value buffers of at least ``needed`` entries, the first ``kept``
+        preserved. They grow by a quarter at least, not double: they stay resident between steps, and count
+        in the step's peak."""
+        indices, values = self._candidates.get(
+            (dtype, index), (np.empty(0, dtype=index), np.empty(0, dtype=dtype))
+        )
         if values.size < needed:
             size = max(needed, values.size + values.size // 4)
-            grown = np.empty(size, dtype=np.int64), np.empty(size, dtype=dtype)
+            grown = np.empty(size, dtype=index), np.empty(size, dtype=dtype)
             grown[0][:kept], grown[1][:kept] = indices[:kept], values[:kept]
-            indices, values = self._candidates[dtype] = grown
+            indices, values = self._candidates[(dtype, index)] = grown
         return indices, values
 
     def deviations(self, dtype: np.dtype, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -249,12 +254,13 @@ def _candidates(
     ``in_sample`` (which sampled entries are candidates) sizes the compiled loop's buffers.
 
     One compiled loop (``kernel.py``) compares g itself with the two ``_outside_bounds``, split between
-    torch's threads on a large tensor; without it, one pass of NumPy over cache-sized chunks, on one thread
+    torch's threads on a large tensor, and writes 32-bit indices (``kernel.INDEX``; a gradient of more than
+    ``kernel.MAX_ENTRIES`` entries takes NumPy's path); without it, one pass of NumPy over cache-sized chunks, on one thread
     (a helper thread of our own, sharing a core with torch's spinning OpenMP worker, made it slower:
     docs/performance.md).
     """
     lower, upper = _outside_bounds(mean, low, gradient.dtype)
-    if kernel.supports(gradient):
+    if kernel.supports(gradient) and gradient.size <= kernel.MAX_ENTRIES:
         parts = kernel.threads(gradient.size, kernel.PARALLEL_SCAN)
         expected = _expected_candidates(in_sample, gradient.size, parts)
         return _candidates_compiled(gradient, lower, upper, work, expected)
@@ -290,13 +296,13 @@ def _candidates_compiled(
     fills its room ends the parallel pass there; the buffers grow and one thread resumes where it stopped."""
     parts = len(expected)
     capacities = [_room(e, parts) for e in expected]
-    indices, values = work.candidates(gradient.dtype, sum(capacities), 0)
+    indices, values = work.candidates(gradient.dtype, sum(capacities), 0, kernel.INDEX)
     if parts > 1:
         count, start = kernel.collect_parts(gradient, lower, upper, indices, values, capacities)
     else:
         count, start = kernel.collect(gradient, 0, lower, upper, indices, values)
     while start < gradient.size:
-        indices, values = work.candidates(gradient.dtype, values.size + 1024, count)
+        indices, values = work.candidates(gradient.dtype, values.size + 1024, count, kernel.INDEX)
         written, start = kernel.collect(gradient, start, lower, upper, indices[count:], values[count:])
         count += written
     return indices[:count], values[:count]
@@ -369,7 +375,7 @@ def _candidates_above(
     indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, mask: np.ndarray, out: KeptBuffers | None
 ) -> Kept:
     """The candidates whose |g - mean| is above ``bound``, copied out of the workspace (into ``out``)."""
-    if kernel.supports(values, d) and indices.flags.c_contiguous:
+    if kernel.supports(values, d) and indices.dtype == kernel.INDEX and indices.flags.c_contiguous:
         return _candidates_above_compiled(indices, values, d, bound, out)
     keep = _positions_above(d, bound, buffer=mask)
     if out is None:

@@ -48,6 +48,10 @@ _parallel = False  # the loops may split work between threads: OpenMP, on torch'
 PARALLEL_SCAN = 1 << 19
 PARALLEL_SCATTER = 1 << 12
 PARALLEL_CANDIDATES = 1 << 13
+# The candidates' flat indices are 32-bit (half the bytes, one vector compress for 16 entries): gradients of up
+# to this many entries; larger ones take NumPy's path.
+MAX_ENTRIES = 1 << 31
+INDEX = np.dtype(np.int32)
 
 
 def _compiler() -> str | None:
@@ -204,11 +208,23 @@ def supports(*arrays: np.ndarray) -> bool:
     )
 
 
+def _check_indices(gradient: np.ndarray, indices: np.ndarray) -> None:
+    """The collecting loops write 32-bit flat indices: ``indices`` must be ``INDEX``, ``gradient`` at most
+    ``MAX_ENTRIES`` entries."""
+    if indices.dtype != INDEX or gradient.size > MAX_ENTRIES:
+        raise ValueError(
+            f"the collecting loops write {INDEX} indices of at most {MAX_ENTRIES} entries, not {indices.dtype} "
+            f"indices of {gradient.size}"
+        )
+
+
 def collect(
     gradient: np.ndarray, start: int, lower, upper, indices: np.ndarray, values: np.ndarray
 ) -> tuple[int, int]:
-    """Candidates of ``gradient[start:]`` (g <= lower or g >= upper) into ``indices`` and ``values`` from
-    their first entry, until they are full; returns (how many were written, where the pass stopped)."""
+    """Candidates of ``gradient[start:]`` (g <= lower or g >= upper) into ``indices`` (``INDEX``) and
+    ``values`` from their first entry, until they are full; returns (how many were written, where the pass
+    stopped)."""
+    _check_indices(gradient, indices)
     stop = ctypes.c_int64()
     function = _loop("collect", gradient.dtype)
     written = function(
@@ -225,6 +241,7 @@ def collect_parts(
     each: part t writes into room for ``capacities[t]`` entries, then the parts are moved to follow one
     another. Returns (how many were written, where the pass stopped: the end, or where the first part
     that filled its room stopped; resume from there with ``collect``)."""
+    _check_indices(gradient, indices)
     parts = len(capacities)
     starts = np.array(part_starts(gradient.size, parts), dtype=np.int64)
     offsets = np.zeros(parts, dtype=np.int64)
@@ -294,11 +311,16 @@ def keep_above(
     values_out: np.ndarray,
     counts: np.ndarray | None = None,
 ) -> int:
-    """The ``indices`` and ``values`` where ``d > bound``, in order, into the outputs; returns how many.
+    """The ``indices`` (the collecting loops' ``INDEX``) and ``values`` where ``d > bound``, in order, into
+    the outputs (the indices widened to int64, as torch indexes); returns how many.
 
     ``counts`` (``count_above``'s for the same ``d`` and ``bound``) splits the work into as many parts, one
     thread each, each writing where the parts before it end. The loops write none past the outputs' room
     (nor past a part's count): more than fit, or counts that are not ``d``'s, is an error."""
+    if indices.dtype != INDEX or indices_out.dtype != np.int64:
+        raise ValueError(
+            f"keep_above reads {INDEX} indices and writes int64, not {indices.dtype} and {indices_out.dtype}"
+        )
     room = min(indices_out.size, values_out.size)
     rooms = np.array([room] if counts is None else counts, dtype=np.int64)  # one part: all the room
     expected = int(rooms.sum())
