@@ -255,9 +255,9 @@ def _candidates(
 
     One compiled loop (``kernel.py``) compares g itself with the two ``_outside_bounds``, split between
     torch's threads on a large tensor, and writes 32-bit indices (``kernel.INDEX``; a gradient of more than
-    ``kernel.MAX_ENTRIES`` entries takes NumPy's path); without it, one pass of NumPy over cache-sized chunks, on one thread
-    (a helper thread of our own, sharing a core with torch's spinning OpenMP worker, made it slower:
-    docs/performance.md).
+    ``kernel.MAX_ENTRIES`` entries takes NumPy's path). Without it, one pass of NumPy over cache-sized
+    chunks, on one thread (a helper thread of our own, sharing a core with torch's spinning OpenMP worker,
+    made it slower: docs/performance.md), with 64-bit indices.
     """
     lower, upper = _outside_bounds(mean, low, gradient.dtype)
     if kernel.supports(gradient) and gradient.size <= kernel.MAX_ENTRIES:

@@ -169,6 +169,10 @@ COLLECT_PARTS(double, f64)
    results are the one-part results, entry for entry. */
 
 #define PART_START(m, t, parts) ((m) * (int64_t)(t) / (parts))
+/* The loop over the parts, one thread each (where the library has OpenMP), adding ``sum`` up over them. */
+#define PRAGMA(text) _Pragma(#text)
+#define EACH_PART_ON_ITS_THREAD(parts, sum)                                                            \
+    PRAGMA(omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1) reduction(+:sum))
 
 #define DEVIATIONS(T, SUFFIX, ABS)                                                                          \
     /* d[j] = |val[j] - center|, as NumPy's subtract and abs compute it in T; returns how many d[j] >=  \
@@ -177,7 +181,7 @@ COLLECT_PARTS(double, f64)
     int64_t deviations_##SUFFIX(const T *val, int64_t m, T center, T low, T high, T *d, T *band,       \
                                 int64_t *in_band, int parts) {                                         \
         int64_t at_least_low = 0, in_part[parts];                                                      \
-        _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1) reduction(+:at_least_low)") \
+        EACH_PART_ON_ITS_THREAD(parts, at_least_low)                                                   \
         for (int t = 0; t < parts; t++) {                                                              \
             int64_t start = PART_START(m, t, parts), end = PART_START(m, t + 1, parts), b = start;      \
             for (int64_t j = start; j < end; j++) {                                                    \
@@ -201,7 +205,7 @@ COLLECT_PARTS(double, f64)
     /* How many d[j] > bound: in all (returned), and in each part (counts[t]). */                      \
     int64_t count_above_##SUFFIX(const T *d, int64_t m, T bound, int64_t *counts, int parts) {         \
         int64_t total = 0;                                                                             \
-        _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1) reduction(+:total)") \
+        EACH_PART_ON_ITS_THREAD(parts, total)                                                          \
         for (int t = 0; t < parts; t++) {                                                              \
             int64_t c = 0;                                                                             \
             for (int64_t j = PART_START(m, t, parts); j < PART_START(m, t + 1, parts); j++)            \
@@ -216,15 +220,15 @@ DEVIATIONS(float, f32, fabsf)
 DEVIATIONS(double, f64, fabs)
 
 /* The order statistics rank and rank + 1 of band[0..m) (non-negative, m > rank + 1), narrowed to a few of
-   NARROW_BUCKETS buckets: one pass counts the entries of each bucket, a second moves those of the buckets from
-   rank's to rank + 1's, in order, to the front of band. An entry's bucket is its bit pattern read as an
+   NARROW_BUCKETS buckets: one pass counts the entries of each bucket, a second moves those of the buckets
+   from rank's to rank + 1's, in order, to the front of band. An entry's bucket is its bit pattern read as an
    unsigned integer (the order of non-negative floats) less low's, shifted so that [low, high] spans the
-   buckets, and clamped to them: it never decreases as the entry grows, so every entry of an earlier bucket is
-   below every entry moved and every entry of a later one above. The two order statistics are then those of
-   the moved entries at rank - *below and rank + 1 - *below. Returns how many moved.
-   Repeated on the same data this is no faster than NumPy's sample-narrowed partition, but it is one call where
-   that is about fifteen, and in the step, where each tensor's selection starts cold, the calls are the cost
-   (docs/performance.md). */
+   buckets, and clamped to them: it never decreases as the entry grows, so every entry of an earlier bucket
+   is below every entry moved and every entry of a later one above. The two order statistics are then those
+   of the moved entries at rank - *below and rank + 1 - *below. Returns how many moved.
+   Repeated on the same data this is no faster than NumPy's sample-narrowed partition, but it is one call
+   where that is about fifteen, and in the step, where each tensor's selection starts cold, the calls are
+   the cost (docs/performance.md). */
 #define NARROW_BUCKETS 2048
 #define NARROW(T, U, SUFFIX)                                                                           \
     static inline U key_##SUFFIX(T value) {                                                          \
@@ -295,7 +299,8 @@ __attribute__((target("avx512f"))) static int64_t keep_above_f32_avx512(
         /* the kept 32-bit indices packed to the front, then widened to 64 bits, eight at a time */
         __m512i packed = _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(idx + j));
         _mm512_storeu_si512((void *)(idx_out + c), _mm512_cvtepu32_epi64(_mm512_castsi512_si256(packed)));
-        _mm512_storeu_si512((void *)(idx_out + c + 8), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(packed, 1)));
+        _mm512_storeu_si512((void *)(idx_out + c + 8),
+                            _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(packed, 1)));
         c += __builtin_popcount(keep);
     }
     /* the tail, and the last blocks, whose full-block stores could overrun */
@@ -326,7 +331,7 @@ int64_t keep_above_f64(const int32_t *idx, const double *val, const double *d, i
                                       int64_t *idx_out, T *val_out, const int64_t *counts, int parts) {   \
         CHOOSE_AVX512                                                                                  \
         int64_t kept = 0;                                                                              \
-        _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1) reduction(+:kept)") \
+        EACH_PART_ON_ITS_THREAD(parts, kept)                                                           \
         for (int t = 0; t < parts; t++) {                                                              \
             int64_t start = PART_START(m, t, parts), offset = 0;                                       \
             for (int u = 0; u < t; u++) offset += counts[u];                                           \
