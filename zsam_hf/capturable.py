@@ -76,7 +76,8 @@ def capturable_ascent(
     ``normalization``, zero everywhere when the ascent gradient is not finite. Returns, as device
     tensors: ||e||_G; for zsam, the fraction of the weight tensors' entries the filter kept (0 when the
     gradient is not finite; None for sam); and whether the ascent gradient was finite (the ascent taken).
-    The parameters themselves are only read. ``grads`` holds at least one gradient (the engine takes no ascent without one).
+    The parameters themselves are only read. ``grads`` holds at least one gradient (the engine takes no
+    ascent without one).
     """
     weights = [i for i, g in enumerate(grads) if g.ndim > 1]
     others = [i for i, g in enumerate(grads) if g.ndim <= 1]

@@ -425,9 +425,8 @@ def test_the_engine_climbs_and_restores_the_same_bits_on_torchs_threads_and_on_o
 
     assert on_torch_threads and kernel.threads(params[0].numel() // 20) == 2
     parallel = climbed()
-    moved = (
-        (parallel[0] != params[0]).reshape(-1).numpy()
-    )  # only the filter's entries (none has e rounding to 0)
+    # only the filter's entries move (none has e rounding to 0)
+    moved = (parallel[0] != params[0]).reshape(-1).numpy()
     np.testing.assert_array_equal(moved, reference_mask(grads[0], 0.95).reshape(-1))
     assert (parallel[1] != params[1]).all()  # the bias moves everywhere (unfiltered)
     kernel.use_threads(False)

@@ -90,6 +90,9 @@ int64_t collect_f64(const double *g, int64_t start, int64_t n, double lower, dou
     return c;
 }
 
+/* Where part t of ``parts`` near-equal parts of m entries starts (kernel.part_starts). */
+#define PART_START(m, t, parts) ((m) * (int64_t)(t) / (parts))
+
 /* The loops below split their work between ``threads`` threads of the OpenMP runtime, where the library was
    built with OpenMP (kernel.py builds it so, and links the runtime torch has loaded, whose worker threads
    are still spinning after torch's own parallel ops); one thread runs them in order otherwise. */
@@ -132,20 +135,22 @@ CLIMB_AND_PUT(float, f32)
 CLIMB_AND_PUT(double, f64)
 
 #define COLLECT_PARTS(T, SUFFIX)                                                                       \
-    /* collect over parts of g, one thread each: part t is g[starts[t]:starts[t + 1]], written from    \
-       idx[offsets[t]] and val[offsets[t]] with room for capacities[t]. The parts' outputs are then      \
-       moved down to follow one another in order, so the result is what collect_##SUFFIX writes from  \
-       starts[0]. A part that filled its room ends the result there: *stop is where that part stopped  \
-       (the caller resumes with collect_##SUFFIX), else the end of the last part. Returns the count. */  \
-    int64_t collect_parts_##SUFFIX(const T *g, T lower, T upper, int32_t *idx, T *val,                 \
-                                   const int64_t *starts, const int64_t *offsets,                      \
-                                   const int64_t *capacities, int64_t *counts, int64_t *stops,         \
-                                   int parts, int64_t *stop) {                                         \
+    /* collect over ``parts`` parts of g[0:n], one thread each (PART_START): part t is written from the  \
+       sum of capacities[0:t], with room for capacities[t]. The parts' outputs are then moved down to    \
+       follow one another in order, so the result is what collect_##SUFFIX writes from 0. A part that    \
+       filled its room ends the result there: *stop is where that part stopped (the caller resumes with \
+       collect_##SUFFIX), else n. Returns the count. */                                                \
+    int64_t collect_parts_##SUFFIX(const T *g, int64_t n, T lower, T upper, int32_t *idx, T *val,      \
+                                   const int64_t *capacities, int parts, int64_t *stop) {              \
+        int64_t offsets[parts], counts[parts], stops[parts];                                           \
+        offsets[0] = 0;                                                                                \
+        for (int t = 1; t < parts; t++) offsets[t] = offsets[t - 1] + capacities[t - 1];               \
         CHOOSE_AVX512                                                                                  \
         _Pragma("omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1)")               \
         for (int t = 0; t < parts; t++)                                                                \
-            counts[t] = collect_##SUFFIX(g, starts[t], starts[t + 1], lower, upper, idx + offsets[t],  \
-                                         val + offsets[t], capacities[t], stops + t);                  \
+            counts[t] = collect_##SUFFIX(g, PART_START(n, t, parts), PART_START(n, t + 1, parts), lower, \
+                                         upper, idx + offsets[t], val + offsets[t], capacities[t],     \
+                                         stops + t);                                                   \
         int64_t total = 0;                                                                             \
         for (int t = 0; t < parts; t++) {                                                              \
             if (offsets[t] != total) {                                                                 \
@@ -154,7 +159,7 @@ CLIMB_AND_PUT(double, f64)
             }                                                                                          \
             total += counts[t];                                                                        \
             *stop = stops[t];                                                                          \
-            if (stops[t] < starts[t + 1]) break;                                                       \
+            if (stops[t] < PART_START(n, t + 1, parts)) break;                                         \
         }                                                                                              \
         return total;                                                                                  \
     }
@@ -168,7 +173,6 @@ COLLECT_PARTS(double, f64)
    near-equal parts, m * t / parts to m * (t + 1) / parts (kernel.part_starts), one thread each; the
    results are the one-part results, entry for entry. */
 
-#define PART_START(m, t, parts) ((m) * (int64_t)(t) / (parts))
 /* The loop over the parts, one thread each (where the library has OpenMP), adding ``sum`` up over them. */
 #define PRAGMA(text) _Pragma(#text)
 #define EACH_PART_ON_ITS_THREAD(parts, sum)                                                            \

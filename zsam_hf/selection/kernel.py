@@ -48,8 +48,8 @@ _parallel = False  # the loops may split work between threads: OpenMP, on torch'
 PARALLEL_SCAN = 1 << 19
 PARALLEL_SCATTER = 1 << 12
 PARALLEL_CANDIDATES = 1 << 13
-# The candidates' flat indices are 32-bit (half the bytes, one vector compress for 16 entries): gradients of up
-# to this many entries; larger ones take NumPy's path.
+# The candidates' flat indices are 32-bit (half the bytes, one vector compress for 16 entries): gradients of
+# up to this many entries; larger ones take NumPy's path.
 MAX_ENTRIES = 1 << 31
 INDEX = np.dtype(np.int32)
 
@@ -123,7 +123,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
             "collect": (count, [pointer, count, count, scalar, scalar, pointer, pointer, count, out]),
             "collect_parts": (
                 count,
-                [pointer, scalar, scalar, pointer, pointer, *[pointer] * 5, threads, out],
+                [pointer, count, scalar, scalar, pointer, pointer, pointer, threads, out],
             ),
             "deviations": (count, [pointer, count, scalar, scalar, scalar, pointer, pointer, out, threads]),
             "count_above": (count, [pointer, count, scalar, pointer, threads]),
@@ -163,7 +163,8 @@ def library() -> ctypes.CDLL | None:
 
 
 def _can_split(library: ctypes.CDLL | None) -> bool:
-    """Whether ``library``'s loops can split work between torch's threads: built with OpenMP, on torch's runtime."""
+    """Whether ``library``'s loops can split work between torch's threads: built with OpenMP, on torch's
+    runtime."""
     return library is not None and bool(library.zsam_entries_openmp()) and _shares_torch_runtime(library)
 
 
@@ -213,8 +214,8 @@ def _check_indices(gradient: np.ndarray, indices: np.ndarray) -> None:
     ``MAX_ENTRIES`` entries."""
     if indices.dtype != INDEX or gradient.size > MAX_ENTRIES:
         raise ValueError(
-            f"the collecting loops write {INDEX} indices of at most {MAX_ENTRIES} entries, not {indices.dtype} "
-            f"indices of {gradient.size}"
+            f"the collecting loops write {INDEX} indices of at most {MAX_ENTRIES} entries, "
+            f"not {indices.dtype} indices of {gradient.size}"
         )
 
 
@@ -242,20 +243,15 @@ def collect_parts(
     another. Returns (how many were written, where the pass stopped: the end, or where the first part
     that filled its room stopped; resume from there with ``collect``)."""
     _check_indices(gradient, indices)
-    parts = len(capacities)
-    starts = np.array(part_starts(gradient.size, parts), dtype=np.int64)
-    offsets = np.zeros(parts, dtype=np.int64)
-    np.cumsum(capacities[:-1], out=offsets[1:])
     room = np.array(capacities, dtype=np.int64)
-    if offsets[-1] + room[-1] > min(indices.size, values.size):
+    if room.sum() > min(indices.size, values.size):
         raise ValueError(
             f"buffers of {min(indices.size, values.size)} entries cannot hold capacities {capacities}"
         )
-    counts, stops, stop = np.empty(parts, dtype=np.int64), np.empty(parts, dtype=np.int64), ctypes.c_int64()
-    function = _loop("collect_parts", gradient.dtype)
-    written = function(
-        gradient.ctypes.data, lower, upper, indices.ctypes.data, values.ctypes.data, starts.ctypes.data,
-        offsets.ctypes.data, room.ctypes.data, counts.ctypes.data, stops.ctypes.data, parts, ctypes.byref(stop),
+    stop = ctypes.c_int64()
+    written = _loop("collect_parts", gradient.dtype)(
+        gradient.ctypes.data, gradient.size, lower, upper, indices.ctypes.data, values.ctypes.data,
+        room.ctypes.data, room.size, ctypes.byref(stop),
     )  # fmt: skip
     return written, stop.value
 
