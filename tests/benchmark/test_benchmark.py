@@ -313,3 +313,39 @@ def test_step_benchmark_phases_add_up_to_the_step(tmp_path):
     heap_bytes = load_script_named("benchmark_step")._heap_bytes
     assert heap_bytes() > 0
     assert "ZSAM - SAM" in done.stdout and "ZSAM faults" in done.stdout and "ZSAM heap" in done.stdout
+
+
+def test_the_filter_profile_times_every_part_inside_steps_and_unwraps_them(tmp_path):
+    """A shrunk run of scripts/profile_filter.py: every tensor's mean and every large tensor's collecting pass
+    is counted (the wrappers sit where the engine calls), nested parts fit in the perturbation's time, the
+    JSON holds what was printed, and afterwards every wrapped function is the library's own again."""
+    import zsam_hf.perturbation as perturbation_module
+    from zsam_hf.selection import cpu, kernel
+
+    script = load_script_named("profile_filter")
+    originals = {(module.__name__, name): getattr(module, name) for module, name, _ in script.PARTS}
+    common = ["--workload", "resnet10t@16x2", "--steps", "2", "--warmup", "1"]
+    result = script.main([*common, "--json", str(tmp_path / "profile.json")])
+    assert result["weight_tensors"] > result["large_weight_tensors"] > 0
+    assert result["calls"]["gradient_mean"] == result["weight_tensors"]
+    assert result["calls"]["_candidates"] == result["large_weight_tensors"]
+    assert 0 < result["calls"]["climb_entries"] <= result["weight_tensors"]
+    total = result["seconds"]["perturbation"]
+    for name in ("_candidates", "_sample", "_bracket", "gradient_mean", "climb_entries"):
+        assert 0 < result["parts"][name] <= total
+    assert 0 < result["parts"]["scatter_entries"] <= result["seconds"]["restore"]
+    by_size = result["by_size"]
+    largest = max(by_size)
+    assert largest > cpu.SMALL_TENSOR and by_size[largest]["_candidates"] > 0
+    assert json.loads((tmp_path / "profile.json").read_text())["calls"] == result["calls"]
+
+    sampled = script.main([*common, "--mean_from_sample"])
+    assert sampled["mean_from_sample"] and sampled["calls"]["gradient_mean"] == result["weight_tensors"]
+    sam = script.main([*common, "--variant", "sam"])
+    assert "_global_norm" in sam["parts"] and "_candidates" not in sam["parts"]
+
+    for module, name, _ in script.PARTS:
+        assert getattr(module, name) is originals[(module.__name__, name)], name
+    assert perturbation_module.gradient_mean is originals[("zsam_hf.perturbation", "gradient_mean")]
+    if kernel.library() is not None:  # the compiled path: each large tensor's candidates in one loop
+        assert result["calls"]["deviations"] == result["large_weight_tensors"]
