@@ -223,7 +223,9 @@ def zsam_offsets(
     With ``shards`` the gradients are this rank's slices of tensors of ``numels`` entries
     (FSDP2): every statistic is the full tensors', the offsets this rank's slices.
 
-    Returns the offsets and the fraction of weight-tensor entries kept.
+    Returns the offsets, the fraction of weight-tensor entries kept, and ||e||_G where it is known without
+    a pass over e (``global``, no tensor on SAM's fallback: every offset is its member scaled by one factor,
+    so ||e||_G = rho ||g~||_G / (||g~||_G + eps), as SAM's step has it), else None.
     """
     weights = [i for i, g in enumerate(grads) if g.ndim > 1]
     if shards is None:
@@ -254,14 +256,15 @@ def zsam_offsets(
                 offsets.append(f)
             else:  # nothing kept, or only zeros kept (or a bias): SAM's e_p
                 offsets.append(g.mul_(sam_scale))
-        return offsets, kept_fraction
+        return offsets, kept_fraction, None
 
     # global: ||g~||_G over filtered weight tensors and unfiltered ndim <= 1 tensors.
     sam_scale = _sam_scale_if(any(filtered[i] is None for i in weights), grads, rho, shards)
     members = [
         f.values if f is not None else g for g, f in zip(grads, filtered) if f is not None or g.ndim <= 1
     ]
-    scale = rho / (_global_norm(members, shards) + EPS)
+    norm = _global_norm(members, shards)
+    scale = rho / (norm + EPS)
     offsets = []
     for g, f in zip(grads, filtered):
         if f is not None:
@@ -269,7 +272,7 @@ def zsam_offsets(
             offsets.append(f)
         else:
             offsets.append(g.mul_(scale if g.ndim <= 1 else sam_scale))
-    return offsets, kept_fraction
+    return offsets, kept_fraction, rho * norm / (norm + EPS) if sam_scale is None else None
 
 
 def _kept_while_finite(
@@ -577,7 +580,8 @@ class SharpnessPerturbation:
         step: int = 0,
     ) -> tuple[list[Offset], float | None, torch.Tensor | None] | None:
         """e for each parameter (aligned with ``params``), the zsam kept fraction, and ||e|| when the
-        variant knows it without a pass over e (SAM: rho ||g|| / (||g|| + eps)), else None.
+        variant knows it without a pass over e (SAM: rho ||g|| / (||g|| + eps); ZSAM and the random control
+        likewise with ||g~|| under ``global`` normalization: ``zsam_offsets``), else None.
 
         With ``reuse_buffers``, zsam's kept entries on a CPU live in this object's buffers, one
         set per parameter name, valid until the next call (see ``selection/reuse.py``).
@@ -594,10 +598,7 @@ class SharpnessPerturbation:
             if not _all_finite(grads):
                 return None
             kept = random_kept([g for g in grads if g.ndim > 1], self.quantile, self.seed, step)
-            offsets, kept_fraction = zsam_offsets(
-                grads, self.rho, self.quantile, self.normalization, kept=kept
-            )
-            return offsets, kept_fraction, None
+            return zsam_offsets(grads, self.rho, self.quantile, self.normalization, kept=kept)
         if self.variant == "zsam":
             weight_grads = [g for g in grads if g.ndim > 1]
             kept = None
@@ -625,10 +626,9 @@ class SharpnessPerturbation:
                 means = shards.means(weight_grads, [n for g, n in zip(grads, numels) if g.ndim > 1])
                 if not _all_finite([*means, *(g for g in grads if g.ndim <= 1)], shards):
                     return None
-            offsets, kept_fraction = zsam_offsets(
+            return zsam_offsets(
                 grads, self.rho, self.quantile, self.normalization, means, shards, numels, kept
             )
-            return offsets, kept_fraction, None
         if self.variant not in VARIANTS[:-1]:
             raise ValueError(
                 f"sam_variant={self.variant!r} has no perturbation; expected one of {VARIANTS[:-1]}"

@@ -85,6 +85,31 @@ def test_global_zsam_has_norm_rho_and_tensor_zsam_has_rho_per_tensor():
             assert np.linalg.norm(dense(o, p)) == pytest.approx(0.05, rel=1e-5)
 
 
+@pytest.mark.parametrize("normalization", ["global", "tensor"])
+@pytest.mark.parametrize("with_fallback", [False, True])
+def test_zsam_reports_the_norm_of_e_and_skips_its_pass_only_where_one_factor_scales_every_offset(
+    normalization, with_fallback, monkeypatch
+):
+    """The logged ||e|| is the reference's, whichever way it was found; under global normalization with no
+    tensor on SAM's fallback it comes from ||g~|| (no pass over e), else from a pass over the offsets."""
+    import zsam_hf.perturbation as perturbation_module
+
+    names, params, grads = named_tensors()
+    if not with_fallback:  # drop the tensors whose masks are empty (SAM's e_p for those)
+        keep = [i for i, n in enumerate(names) if n not in ("single.weight", "constant.weight", "zero.weight")]
+        names, params, grads = [names[i] for i in keep], [params[i] for i in keep], [grads[i] for i in keep]
+    passes = []
+    measured = perturbation_module.offsets_norm
+    monkeypatch.setattr(perturbation_module, "offsets_norm", lambda *a: passes.append(1) or measured(*a))
+    original = [p.clone() for p in params]
+    engine = SharpnessPerturbation(variant="zsam", rho=0.05, normalization=normalization)
+    applied, stats = engine.perturb(names, params, [g.clone() for g in grads])
+    expected = reference_offsets("zsam", names, original, grads, 0.05, normalization=normalization)
+    assert stats.norm.item() == pytest.approx(np.sqrt(sum((e**2).sum() for e in expected)), rel=1e-5)
+    assert len(passes) == (0 if normalization == "global" and not with_fallback else 1)
+    applied.restore()
+
+
 @pytest.mark.parametrize("variant", ["sam", "asam", "fsam", "zsam"])
 def test_apply_then_restore_is_bit_exact_and_applies_e(variant):
     names, params, grads = named_tensors()
