@@ -96,7 +96,9 @@ def test_zsam_reports_the_norm_of_e_and_skips_its_pass_only_where_one_factor_sca
 
     names, params, grads = named_tensors()
     if not with_fallback:  # drop the tensors whose masks are empty (SAM's e_p for those)
-        keep = [i for i, n in enumerate(names) if n not in ("single.weight", "constant.weight", "zero.weight")]
+        keep = [
+            i for i, n in enumerate(names) if n not in ("single.weight", "constant.weight", "zero.weight")
+        ]
         names, params, grads = [names[i] for i in keep], [params[i] for i in keep], [grads[i] for i in keep]
     passes = []
     measured = perturbation_module.offsets_norm
