@@ -330,12 +330,12 @@ def report_optimizers(result: dict, args) -> None:
         )
 
 
-def parse_workload(text: str) -> tuple[str, int, int]:
-    """``resnet50@224x8`` -> ("resnet50", 224, 8)."""
+def parse_workload(text: str, flag: str = "--workloads") -> tuple[str, int, int]:
+    """``resnet50@224x8`` -> ("resnet50", 224, 8); ``flag`` names the argument in the error."""
     arch, _, rest = text.partition("@")
     size, _, batch = rest.partition("x")
     if not (arch and size.isdigit() and batch.isdigit()):
-        raise SystemExit(f"--workloads {text!r}: expected ARCH@SIZExBATCH, e.g. resnet50@224x8")
+        raise SystemExit(f"{flag} {text!r}: expected ARCH@SIZExBATCH, e.g. resnet50@224x8")
     return arch, int(size), int(batch)
 
 

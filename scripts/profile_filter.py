@@ -26,11 +26,11 @@ import argparse
 import collections
 import functools
 import json
+import os
+import sys
 import time
 
-import timm
 import torch
-import torch.nn.functional as F
 
 from zsam_hf import perturbation
 from zsam_hf.selection import cpu, kernel
@@ -108,12 +108,17 @@ def mean_from_sample(grad: torch.Tensor) -> torch.Tensor:
     return flat[stride // 2 :: stride].mean()
 
 
+def step_benchmark():
+    """``benchmark_step.py``, whose workloads (model, batch, ``ARCH@SIZExBATCH``) this script profiles."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import benchmark_step
+
+    return benchmark_step
+
+
 def profile(arch: str, image_size: int, batch_size: int, args) -> dict:
     """Per-step seconds of the perturbation, the restore and each part, over ``args.steps`` steps."""
-    torch.manual_seed(0)
-    model = timm.create_model(arch, pretrained=False, num_classes=10 if image_size < 64 else 1000)
-    images = torch.randn(batch_size, 3, image_size, image_size)
-    labels = torch.randint(0, 10, (batch_size,))
+    model, batch, _ = step_benchmark().workload(arch, image_size, batch_size, "cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     engine = perturbation.SharpnessPerturbation(variant=args.variant)
     names, params = zip(*model.named_parameters())
@@ -127,13 +132,13 @@ def profile(arch: str, image_size: int, batch_size: int, args) -> dict:
                 timer.clear()
                 totals.clear()
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(images), labels).backward()
+            model(**batch)["loss"].backward()
             start = time.perf_counter()
             with torch.no_grad():
                 applied, _ = engine.perturb(list(names), list(params), [p.grad for p in params])
             perturbed = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(images), labels).backward()
+            model(**batch)["loss"].backward()
             descended = time.perf_counter()
             applied.restore()
             totals["perturbation"] += perturbed - start
@@ -180,7 +185,9 @@ def report(result: dict, by_size: bool) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workload", default="resnet18@32x64", help="ARCH@SIZExBATCH (a timm name)")
+    parser.add_argument(
+        "--workload", default="resnet18@32x64", help="ARCH@SIZExBATCH (a timm name, as benchmark_step.py's)"
+    )
     parser.add_argument("--variant", choices=["zsam", "sam"], default="zsam")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -191,11 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
-    arch, _, rest = args.workload.partition("@")
-    size, _, batch = rest.partition("x")
-    if not (arch and size.isdigit() and batch.isdigit()):
-        raise SystemExit(f"--workload {args.workload!r}: expected ARCH@SIZExBATCH, e.g. resnet18@32x64")
-    result = profile(arch, int(size), int(batch), args)
+    result = profile(*step_benchmark().parse_workload(args.workload, "--workload"), args)
     report(result, args.by_size)
     if args.json:
         with open(args.json, "w") as f:
