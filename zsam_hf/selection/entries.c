@@ -255,12 +255,16 @@ DEVIATIONS(double, f64, fabs)
         while (seen + counts[first] <= rank) seen += counts[first++];                                \
         int64_t last = first, through = seen + counts[first];                                       \
         while (through <= rank + 1) through += counts[++last];                                       \
+        /* Buckets first..last are the keys from klo up to khi (excluded): bucket 0 and the last one  \
+           are open below and above. base + span (< 2^(bits - 1)) plus at most twice span stays in U. */ \
+        U klo = first > 0 ? base + ((U)first << shift) : 0;                                          \
+        U khi = last < NARROW_BUCKETS - 1 ? base + ((U)(last + 1) << shift) : (U)~(U)0;              \
         int64_t c = 0;                                                                               \
         for (int64_t j = 0; j < m; j++) {                                                            \
             T value = band[j];                                                                       \
-            int64_t b = bucket_##SUFFIX(value, base, shift);                                         \
+            U key = key_##SUFFIX(value);                                                             \
             band[c] = value;                                                                         \
-            c += (b >= first) & (b <= last);                                                         \
+            c += (key >= klo) & (key < khi);                                                         \
         }                                                                                            \
         *below = seen;                                                                               \
         return c;                                                                                    \
