@@ -313,7 +313,67 @@ def _gradients() -> dict[str, torch.Tensor]:
         "few values": ties,
         "heavy tails": heavy,
         "float16 (NumPy path)": torch.randn(300, 300, generator=gen).half(),
+        "small (one 3x3 kernel of 64 x 64 channels)": torch.randn(64, 64, 3, 3, generator=gen),
+        "small with 8 of 9 taps zero": _centre_taps(torch.randn(64, 16, generator=gen)),
     }
+
+
+def _centre_taps(centre: torch.Tensor) -> torch.Tensor:
+    """3x3 kernels whose only non-zero tap is the centre one (a 3x3 convolution over 1x1 maps)."""
+    kernels = torch.zeros(*centre.shape, 3, 3)
+    kernels[..., 1, 1] = centre
+    return kernels
+
+
+def _small_gradients() -> dict[str, torch.Tensor]:
+    """Tensors up to ``cpu.SMALL_TENSOR`` entries that break a selection: ties at and around the quantile,
+    a constant, subnormals, deviations quantized to a few ulps, float64, two and three entries, and
+    non-finite entries (which the compiled selection hands to the NumPy one)."""
+    gen = torch.Generator().manual_seed(11)
+    noise = torch.randn(cpu.SMALL_TENSOR, generator=gen)
+    taps = torch.zeros(4096, 9)
+    taps[:, 4] = torch.randn(4096, generator=gen)
+    with_inf, with_nan = torch.randn(3000, generator=gen), torch.randn(3000, generator=gen)
+    with_inf[17], with_nan[17] = float("inf"), float("nan")
+    return {
+        "normal, SMALL_TENSOR entries": noise,
+        "heavy tails": noise[:36_864] / (torch.rand(36_864, generator=gen) + 1e-3),
+        "few values": torch.randint(-3, 4, (9408,), generator=gen).float(),
+        "8 of 9 taps zero": taps.reshape(-1),
+        "constant": torch.full((5120,), 0.25),
+        "subnormal": noise[:8192] * 1e-39,
+        "large mean, tiny spread": 1e3 + noise[:8192] * 1e-3,
+        "float64": noise[:5000].double() * 3 - 1,
+        "two entries": torch.tensor([0.5, -1.5]),
+        "three entries": torch.tensor([0.5, -1.5, 0.5]),
+        "an infinity": with_inf,
+        "a NaN": with_nan,
+    }
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.5, 0.95, 0.99, 1.0])
+def test_small_tensors_select_in_the_compiled_loops_what_a_full_selection_keeps(quantile, monkeypatch):
+    """Up to SMALL_TENSOR entries the filter writes the deviations, narrows them by buckets and copies the
+    kept entries out in the compiled loops: the same entries, bit for bit, as the full selection through
+    NumPy and torch, and as the float64 reference where float64 rounds as the tensor's type does. The
+    loops run wherever the two order statistics exist and every deviation is finite."""
+    narrowed = []
+    narrow = kernel.narrow
+    monkeypatch.setattr(kernel, "narrow", lambda *args: narrowed.append(args[0].size) or narrow(*args))
+    for name, flat in _small_gradients().items():
+        mean = flat.mean()
+        narrowed.clear()
+        indices, values = cpu._kept_small(flat, mean, quantile, cpu._Workspace())
+        want_indices, want_values = cpu._kept_exact(flat, mean, quantile)
+        assert indices.dtype == torch.long and values.dtype == flat.dtype, name
+        np.testing.assert_array_equal(indices.numpy(), want_indices.numpy(), err_msg=name)
+        np.testing.assert_array_equal(values.numpy(), want_values.numpy(), err_msg=name)
+        if name not in ("large mean, tiny spread", "subnormal", "an infinity", "a NaN"):
+            expected = np.flatnonzero(reference_mask(flat, quantile))
+            np.testing.assert_array_equal(indices.numpy(), expected, err_msg=name)
+        top_rank = quantile * (flat.numel() - 1) >= flat.numel() - 1
+        compiled = not (top_rank or name in ("an infinity", "a NaN"))
+        assert narrowed == ([flat.numel()] if compiled else []), name
 
 
 def _kept(grads, quantile):

@@ -130,11 +130,38 @@ def _quantile_of_deviations(d: np.ndarray, rank: int, frac: float, tied: bool | 
 
 
 def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
-    """A full selection on |g - mean|: small tensors, and the fallback when a bound misses."""
+    """A full selection on |g - mean|: small tensors without the compiled loops, and the fallback when a
+    bound misses."""
     deviation = (flat - mean).abs_()
     (lo, _), frac = quantile_ranks(flat.numel(), q)
     kept = positions_above(deviation, _quantile_of_deviations(deviation.numpy(), lo, frac))
     return kept, flat.take(kept)
+
+
+def _kept_small(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspace) -> Kept:
+    """``_kept_exact`` of a small tensor (up to SMALL_TENSOR entries) in four compiled calls, where the
+    loops take it.
+
+    In the step each small tensor's selection starts cold, and there its two dozen NumPy and torch calls,
+    not its entries, were the cost: 190 µs a 3x3 kernel of 64 x 64 channels on ResNet-18 (docs/performance.md).
+    Here one loop writes every |g - mean| (as torch's subtract and abs compute it) twice, ``narrow`` moves
+    the few entries of the buckets that hold the quantile's two order statistics to the front of the copy,
+    those few are selected exactly, and the entries above the quantile are copied out in one more loop.
+    """
+    gradient = flat.numpy()
+    n = gradient.size
+    (lo, _), frac = quantile_ranks(n, q)
+    if not kernel.supports(gradient) or lo + 1 >= n:
+        return _kept_exact(flat, mean, q)
+    d, band, _ = work.deviations(gradient.dtype, n)
+    band = band[:n]
+    threads = kernel.threads(n, kernel.PARALLEL_CANDIDATES)
+    _, finite = kernel.deviations(gradient, float(mean), 0.0, math.inf, d, band, threads)
+    if finite < n:  # an infinite or NaN deviation: not in the copy, which then misses ranks
+        return _kept_exact(flat, mean, q)
+    moved, below = kernel.narrow(band, 0.0, np.finfo(gradient.dtype).max, lo)
+    threshold = _quantile_of_deviations(band[:moved], lo - below, frac)
+    return _candidates_above(work.positions(n), gradient, d, threshold, None, None)
 
 
 class _Workspace:
@@ -151,6 +178,7 @@ class _Workspace:
         self.low_side = np.empty(CHUNK, dtype=bool)  # g <= lower
         self._candidates: dict[tuple[np.dtype, np.dtype], tuple[np.ndarray, np.ndarray]] = {}
         self._deviations: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
+        self._positions = np.empty(0, dtype=kernel.INDEX)
 
     def candidates(
         self, dtype: np.dtype, needed: int, kept: int, index: np.dtype = np.dtype(np.int64)
@@ -167,6 +195,13 @@ class _Workspace:
             grown[0][:kept], grown[1][:kept] = indices[:kept], values[:kept]
             indices, values = self._candidates[(dtype, index)] = grown
         return indices, values
+
+    def positions(self, size: int) -> np.ndarray:
+        """0, 1, ..., size - 1 as the collecting loops' indices (``kernel.INDEX``): a small tensor's every
+        entry as a candidate (``_kept_small``)."""
+        if self._positions.size < size:
+            self._positions = np.arange(max(size, SMALL_TENSOR), dtype=kernel.INDEX)
+        return self._positions[:size]
 
     def deviations(self, dtype: np.dtype, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Buffers for ``size`` deviations and for the band of them near the quantile, and a mask buffer
@@ -192,16 +227,19 @@ def _workspace() -> _Workspace:
 
 def _sample_stride(n: int) -> int:
     """The stride of ``_sample``'s positions (the first is at stride // 2)."""
-    return coprime_stride(n // min(MAX_SAMPLE, int(n ** (2 / 3))))
+    return coprime_stride(n // min(MAX_SAMPLE, max(1024, int(n ** (2 / 3)) // 2)))
 
 
 def _sample(flat: torch.Tensor, mean: torch.Tensor) -> np.ndarray:
-    """|g - mean| at evenly strided positions (``_sample_stride``): n^(2/3) of them, at most MAX_SAMPLE.
+    """|g - mean| at evenly strided positions (``_sample_stride``): n^(2/3) / 2 of them, at least 1024 and
+    at most MAX_SAMPLE.
 
-    That size balances drawing and sorting the sample (each strided read its own cache
-    line) against the extra candidates that the bound's safety margin (shrinking as
-    1/sqrt(sample)) lets in; strided reads are prefetched, unlike scattered ones, and the
-    stride is coprime with small kernel sizes.
+    n^(2/3) balances drawing and sorting the sample (each strided read its own cache line) against
+    the extra candidates that the bound's safety margin (shrinking as 1/sqrt(sample)) lets in. In
+    the step, where each read of a cold gradient also walks its page table, a sample costs about
+    three times what it costs repeated, so the balance sits at half the size that suited repeated
+    runs (ResNet-18: 0.3 ms a step less; docs/performance.md). Strided reads are prefetched,
+    unlike scattered ones, and the stride is coprime with small kernel sizes.
     """
     stride = _sample_stride(flat.numel())
     return (flat[stride // 2 :: stride] - mean).abs_().numpy()
@@ -414,7 +452,7 @@ def kept_on_cpu(
         if flat.numel() <= 1:
             kept = torch.empty(0, dtype=torch.long), flat[:0]
         elif flat.numel() <= SMALL_TENSOR:
-            kept = _kept_exact(flat, mean, q)
+            kept = _kept_small(flat, mean, q, _workspace())
         else:
             kept = _kept_bracketed(flat, mean, q, _workspace(), out)
         indices, values = kept
