@@ -142,11 +142,12 @@ def _kept_small(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspa
     """``_kept_exact`` of a small tensor (up to SMALL_TENSOR entries) in four compiled calls, where the
     loops take it.
 
-    In the step each small tensor's selection starts cold, and there its two dozen NumPy and torch calls,
-    not its entries, were the cost: 190 µs a 3x3 kernel of 64 x 64 channels on ResNet-18 (docs/performance.md).
-    Here one loop writes every |g - mean| (as torch's subtract and abs compute it) twice, ``narrow`` moves
-    the few entries of the buckets that hold the quantile's two order statistics to the front of the copy,
-    those few are selected exactly, and the entries above the quantile are copied out in one more loop.
+    One loop writes every |g - mean| (as torch's subtract and abs compute it) twice, ``narrow`` moves the
+    few entries of the buckets that hold the quantile's two order statistics to the front of the copy, those
+    few are selected exactly, and the entries above the quantile are copied out in one more loop: four calls
+    where NumPy and torch take two dozen. In the step that saves little (about 0.1 ms on ResNet-18's eight
+    small tensors, docs/performance.md): each call there waits for its code and data to come back after the
+    pass over a large gradient before it.
     """
     gradient = flat.numpy()
     n = gradient.size
