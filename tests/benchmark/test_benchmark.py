@@ -350,4 +350,4 @@ def test_the_filter_profile_times_every_part_inside_steps_and_unwraps_them(tmp_p
     if kernel.library() is not None:  # the compiled path: each tensor's deviations in one loop
         assert result["calls"]["deviations"] == result["weight_tensors"]
         small = result["weight_tensors"] - result["large_weight_tensors"]
-        assert result["calls"]["_kept_small"] == small > 0 and "_kept_exact" not in result["calls"]
+        assert result["calls"]["_kept_small"] == small > 0  # (a bound that misses may add _kept_exact calls)
