@@ -326,7 +326,11 @@ def test_the_filter_profile_times_every_part_inside_steps_and_unwraps_them(tmp_p
     originals = {(module.__name__, name): getattr(module, name) for module, name, _ in script.PARTS}
     common = ["--workload", "resnet10t@16x2", "--steps", "2", "--warmup", "1"]
     result = script.main([*common, "--json", str(tmp_path / "profile.json")])
-    assert result["weight_tensors"] > result["large_weight_tensors"] > 0
+    model, _, _ = load_script_named("benchmark_step").workload("resnet10t", 16, 2, "cpu")
+    weights = [p.numel() for p in model.parameters() if p.ndim > 1]  # counted here, not by the profiler
+    assert result["weight_tensors"] == len(weights)
+    assert result["large_weight_tensors"] == sum(n > cpu.SMALL_TENSOR for n in weights) > 0
+    assert result["weight_tensors"] > result["large_weight_tensors"]
     assert result["calls"]["gradient_mean"] == result["weight_tensors"]
     assert result["calls"]["_candidates"] == result["large_weight_tensors"]
     assert 0 < result["calls"]["climb_entries"] <= result["weight_tensors"]

@@ -331,8 +331,7 @@ def _small_gradients() -> dict[str, torch.Tensor]:
     non-finite entries (which the compiled selection hands to the NumPy one)."""
     gen = torch.Generator().manual_seed(11)
     noise = torch.randn(cpu.SMALL_TENSOR, generator=gen)
-    taps = torch.zeros(4096, 9)
-    taps[:, 4] = torch.randn(4096, generator=gen)
+    taps = _centre_taps(torch.randn(4096, generator=gen))
     with_inf, with_nan = torch.randn(3000, generator=gen), torch.randn(3000, generator=gen)
     with_inf[17], with_nan[17] = float("inf"), float("nan")
     return {
