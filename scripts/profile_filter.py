@@ -7,8 +7,8 @@ real gradients, and between perturbations does what a two-pass step does: the de
 the restore, an SGD step. So each part starts with the caches as a real step leaves them, which matters:
 the per-tensor work costs 2-4x in the step what it costs repeated on the same data (docs/performance.md).
 Each part's function is wrapped by name with ``time.perf_counter``; parts nest (the copy of the kept
-entries holds their count; the small tensors' selection holds their deviations, narrowing, order statistics
-and copy), and a nested part is counted in its caller as well. Figures are per step, at torch's current
+entries holds their count; the small tensors' selection holds their deviations and narrowing, threshold and
+copy), and a nested part is counted in its caller as well. Figures are per step, at torch's current
 thread count:
 
     python scripts/profile_filter.py                                          # ResNet-18, 64 x 32 px
@@ -44,10 +44,12 @@ PARTS = (
     (cpu, "_bracket", "the sample's bracket of the quantile"),
     (cpu, "_candidates", "the collecting pass"),
     (kernel, "deviations", "the candidates' deviations and band"),
-    (kernel, "narrow", "the band narrowed to the order statistics"),
-    (cpu, "_quantile_of_deviations", "the order statistics and the threshold"),
+    (kernel, "narrow_pair", "the band narrowed to the two order statistics"),
+    (cpu, "_threshold", "the quantile from them (torch.lerp; NumPy's selection where ties are left)"),
+    (cpu, "_quantile_of_deviations", "NumPy's selection of the order statistics (ties; without the loops)"),
     (cpu, "_candidates_above", "the kept entries counted and copied out"),
-    (cpu, "_kept_small", "small tensors' selection (holds their deviations, narrow, order statistics, copy)"),
+    (kernel, "narrow_deviations", "small tensors' deviations, narrowed to the two order statistics"),
+    (cpu, "_kept_small", "small tensors' selection (holds their narrowing, threshold and copy)"),
     (cpu, "_kept_exact", "the NumPy and torch full selection (a bound that missed; small tensors without C)"),
     (perturbation, "_global_norm", "norms (SAM's ||g||; ZSAM's ||g~||)"),
     (perturbation, "climb_entries", "the climb to w + e at the kept entries"),

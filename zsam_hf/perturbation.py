@@ -361,7 +361,7 @@ _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 def _plain_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether ``p``'s entries at ``indices`` can be read or written in place through its flat view,
     by NumPy or torch's threads: a plain contiguous CPU tensor of a dtype NumPy has (not bf16),
-    int64 indices, companions of ``p``'s dtype."""
+    contiguous int64 indices, contiguous companions of ``p``'s dtype."""
     return (
         p.device.type == "cpu"
         and p.dtype in _NUMPY_DTYPES
@@ -369,6 +369,7 @@ def _plain_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) ->
         and p.is_contiguous()
         and indices.device.type == "cpu"
         and indices.dtype == torch.long
+        and indices.is_contiguous()
         and all(t.dtype == p.dtype and t.device.type == "cpu" and t.is_contiguous() for t in others)
     )
 
@@ -389,7 +390,7 @@ def gather_entries(p: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | N
 
 def _compiled_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether the compiled loops (``selection/kernel.py``) can write ``p``'s entries at ``indices``."""
-    return _plain_cpu(p, indices, *others) and kernel.supports(p.detach().numpy())
+    return _plain_cpu(p, indices, *others) and kernel.supports_dtype(p.dtype)
 
 
 def climb_entries(
@@ -400,7 +401,7 @@ def climb_entries(
     kept size more), the others into ``out`` when given."""
     if _compiled_cpu(p, indices, offsets):
         threads = kernel.threads(indices.numel())
-        kernel.climb(p.detach().view(-1).numpy(), indices.numpy(), offsets.numpy(), offsets.numpy(), threads)
+        kernel.climb(p, indices, offsets, offsets, threads)  # p's own storage, contiguous (_plain_cpu)
         increment_version(p)
         return offsets
     if out is None:
@@ -421,9 +422,7 @@ def scatter_entries(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     if not _plain_cpu(p, indices, values):
         p.view(-1).index_put_((indices,), values)  # honours torch.use_deterministic_algorithms, unlike put_
     elif _compiled_cpu(p, indices, values) and not _split_by_torch_only(indices.numel()):
-        kernel.put(
-            p.detach().view(-1).numpy(), indices.numpy(), values.numpy(), kernel.threads(indices.numel())
-        )
+        kernel.put(p, indices, values, kernel.threads(indices.numel()))
         increment_version(p)
     elif torch.get_num_threads() > 1:
         p.view(-1).index_copy_(0, indices, values)  # deterministic: the indices are distinct

@@ -352,6 +352,7 @@ def test_the_filter_profile_times_every_part_inside_steps_and_unwraps_them(tmp_p
         assert getattr(module, name) is originals[(module.__name__, name)], name
     assert perturbation_module.gradient_mean is originals[("zsam_hf.perturbation", "gradient_mean")]
     if kernel.library() is not None:  # the compiled path: each tensor's deviations in one loop
-        assert result["calls"]["deviations"] == result["weight_tensors"]
         small = result["weight_tensors"] - result["large_weight_tensors"]
-        assert result["calls"]["_kept_small"] == small > 0  # (a bound that misses may add _kept_exact calls)
+        assert result["calls"]["deviations"] == result["large_weight_tensors"]
+        assert result["calls"]["narrow_deviations"] == small > 0
+        assert result["calls"]["_kept_small"] == small  # (a bound that misses may add _kept_exact calls)

@@ -224,11 +224,84 @@ def test_narrow_keeps_the_two_order_statistics_among_the_entries_it_moves(dtype)
                 assert moved <= 100, (rank, moved)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_pair_gives_the_two_order_statistics_or_the_few_entries_that_hold_them(dtype):
+    """Narrowed until few entries are left, the loop sorts out order statistics ``rank`` and ``rank + 1``
+    itself: NumPy's sort's. Where ties the buckets cannot split leave more than ``PAIR_SORT`` (two values,
+    many copies of each, straddling the ranks; one value everywhere), it returns those entries instead, and
+    they hold the two at ``rank - below`` and ``rank + 1 - below``."""
+    bands = _bands(dtype)
+    bands["two tied values"] = (np.repeat(np.array([1.0, 1000.0], dtype=dtype), 50), 1.0, 1000.0)
+    bands["one value"] = (np.full(100, 3.0, dtype=dtype), 0.0, 4.0)
+    paired = {}
+    for name, (band, low, high) in bands.items():
+        ordered = np.sort(band)
+        for rank in sorted({0, 1, band.size // 3, band.size // 2 - 1, band.size // 2, band.size - 2}):
+            work = band.copy()
+            left, below, pair = kernel.narrow_pair(work, low, high, rank)
+            expected = ordered[[rank, rank + 1]].tolist()
+            if pair is not None:
+                assert left <= kernel.PAIR_SORT and pair.dtype == band.dtype, (name, rank)
+                assert pair.tolist() == expected, (name, rank)
+            else:
+                assert left > kernel.PAIR_SORT, (name, rank)
+                selected = np.sort(work[:left])[[rank - below, rank + 1 - below]]
+                assert selected.tolist() == expected, (name, rank)
+            paired[name, rank] = pair is not None
+    assert all(paired[name, rank] for name, rank in paired if name == "spread" and 1 < rank < 29_000)
+    assert not paired["two tied values", 49] and not paired["one value", 50]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_deviations_is_the_deviations_then_narrow_pair_over_all_of_them(dtype):
+    """One loop writes d = |g - center| as NumPy computes it and counts the buckets, a second moves the
+    entries near order statistics ``rank`` and ``rank + 1``, which are then narrowed as ``narrow_pair`` does:
+    the same result as ``narrow_pair`` over a copy of NumPy's deviations, over the whole finite range, and
+    NumPy's sort's order statistics; a deviation that is infinite or NaN gives None."""
+    rng = np.random.default_rng(7)
+    gradients = {
+        "spread": rng.standard_normal(5000),
+        "ties": rng.integers(-3, 4, size=3000).astype(np.float64),
+        "wide": rng.standard_normal(2000) * np.exp(rng.uniform(-80, 80, size=2000)),
+        "constant": np.full(100, 0.25),
+    }
+    for name, values in gradients.items():
+        g = values.astype(dtype)
+        center = dtype(g.mean())
+        expected_d = np.abs(g - center)
+        ordered = np.sort(expected_d)
+        for rank in sorted({0, g.size // 2, g.size - 2}):
+            d, band = np.full(g.size, np.nan, dtype=dtype), np.full(g.size + 3, np.nan, dtype=dtype)
+            left, below, pair = kernel.narrow_deviations(g, center, rank, d, band)
+            assert d.tobytes() == expected_d.tobytes(), (name, rank)
+            work = expected_d.copy()
+            want_left, want_below, want_pair = kernel.narrow_pair(work, 0.0, np.finfo(dtype).max, rank)
+            assert (left, below) == (want_left, want_below), (name, rank)
+            assert band[:left].tobytes() == work[:left].tobytes(), (name, rank)
+            if name == "spread":
+                assert pair is not None, rank
+            if pair is None:  # heavy ties at the ranks (the wide one's deviations are mostly |mean|)
+                assert want_pair is None and left > kernel.PAIR_SORT, (name, rank)
+                pair = np.sort(band[:left])[[rank - below, rank + 1 - below]]
+            else:
+                assert pair.tolist() == want_pair.tolist(), (name, rank)
+            assert pair.tolist() == ordered[[rank, rank + 1]].tolist(), (name, rank)
+    for bad in (np.inf, np.nan):
+        g = np.array([1.0, bad, 2.0, 3.0], dtype=dtype)
+        assert kernel.narrow_deviations(g, dtype(1), 1, np.empty(4, dtype), np.empty(4, dtype)) is None
+    with pytest.raises(ValueError, match="order statistics"):
+        kernel.narrow_deviations(np.ones(4, dtype), dtype(1), 3, np.empty(4, dtype), np.empty(4, dtype))
+    with pytest.raises(ValueError, match="cannot hold"):
+        kernel.narrow_deviations(np.ones(4, dtype), dtype(1), 1, np.empty(3, dtype), np.empty(4, dtype))
+
+
 def test_narrow_refuses_ranks_outside_the_band():
     band = np.ones(10, dtype=np.float32)
     for rank in (-1, 9, 10):
         with pytest.raises(ValueError, match="order statistics"):
             kernel.narrow(band, 0.0, 2.0, rank)
+        with pytest.raises(ValueError, match="order statistics"):
+            kernel.narrow_pair(band, 0.0, 2.0, rank)
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3])
@@ -280,11 +353,15 @@ def test_keep_above_in_parts_refuses_counts_that_are_not_the_deviations():
     assert out_i[-1] == -1  # the entry the first part had no room for was not written anywhere
 
 
+@pytest.mark.parametrize("tensors", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_climb_and_put_do_what_numpy_indexing_does(dtype, threads):
+def test_climb_and_put_do_what_numpy_indexing_does(dtype, threads, tensors):
+    """On NumPy arrays, and on torch tensors (the engine passes a parameter's own, a slice of a larger
+    storage here: the loops must start at its first entry, not its storage's)."""
     rng = np.random.default_rng(1)
-    w = rng.standard_normal(5000).astype(dtype)
+    storage = rng.standard_normal(5003).astype(dtype)
+    w = storage[3:]
     w[7] = -0.0
     indices = np.sort(rng.choice(5000, size=300, replace=False)).astype(np.int64)
     indices[0] = 7
@@ -292,15 +369,30 @@ def test_climb_and_put_do_what_numpy_indexing_does(dtype, threads):
     expected = w.copy()
     expected[indices] = offsets + w[indices]
     original, saved = w.copy(), np.empty(300, dtype=dtype)
-    kernel.climb(w, indices, offsets, saved, threads)
+    front = storage[:3].copy()
+    given = torch.from_numpy if tensors else (lambda a: a)  # the same memory, as torch or NumPy holds it
+    kernel.climb(given(w), given(indices), given(offsets), given(saved), threads)
     np.testing.assert_array_equal(w, expected)
     np.testing.assert_array_equal(saved, original[indices])
-    kernel.put(w, indices, saved, threads)
+    kernel.put(given(w), given(indices), given(saved), threads)
     assert w.tobytes() == original.tobytes()  # bit for bit, -0.0 included
     in_place = offsets.copy()  # the originals written over the offsets themselves, as the engine does
-    kernel.climb(w, indices, in_place, in_place, threads)
+    kernel.climb(given(w), given(indices), given(in_place), given(in_place), threads)
     np.testing.assert_array_equal(w, expected)
     np.testing.assert_array_equal(in_place, original[indices])
+    assert storage[:3].tobytes() == front.tobytes()  # nothing written before the slice
+
+
+def test_the_loops_are_given_the_address_ctypes_gives():
+    """The loops' pointers (``_address``, cheaper than ``ctypes.data``) are ctypes' own: for slices, rows,
+    read-only and empty arrays, and for tensors whose storage starts earlier."""
+    base = np.arange(24, dtype=np.float32)
+    read_only = base.copy()
+    read_only.flags.writeable = False
+    for array in (base, base[5:], base.reshape(4, 6)[2], read_only, read_only[3:], base[:0], np.empty(0)):
+        assert kernel._address(array) == array.ctypes.data
+    tensor = torch.arange(24, dtype=torch.float64)[7:]
+    assert kernel._address(tensor) == tensor.numpy().ctypes.data == tensor.data_ptr()
 
 
 def _gradients() -> dict[str, torch.Tensor]:
@@ -352,13 +444,19 @@ def _small_gradients() -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("quantile", [0.0, 0.5, 0.95, 0.99, 1.0])
 def test_small_tensors_select_in_the_compiled_loops_what_a_full_selection_keeps(quantile, monkeypatch):
-    """Up to SMALL_TENSOR entries the filter writes the deviations, narrows them by buckets and copies the
-    kept entries out in the compiled loops: the same entries, bit for bit, as the full selection through
+    """Up to SMALL_TENSOR entries the filter writes the deviations while it counts them into buckets, moves
+    those near the quantile aside and copies the kept entries out in the compiled loops: the same entries, bit for bit, as the full selection through
     NumPy and torch, and as the float64 reference where float64 rounds as the tensor's type does. The
     loops run wherever the two order statistics exist and every deviation is finite."""
-    narrowed = []
-    narrow = kernel.narrow
-    monkeypatch.setattr(kernel, "narrow", lambda *args: narrowed.append(args[0].size) or narrow(*args))
+    narrowed = []  # (entries, whether the loop narrowed them) for each call of the small tensors' loop
+    narrow = kernel.narrow_deviations
+
+    def counted(*args):
+        result = narrow(*args)
+        narrowed.append((args[0].size, result is not None))
+        return result
+
+    monkeypatch.setattr(kernel, "narrow_deviations", counted)
     for name, flat in _small_gradients().items():
         mean = flat.mean()
         narrowed.clear()
@@ -370,9 +468,10 @@ def test_small_tensors_select_in_the_compiled_loops_what_a_full_selection_keeps(
         if name not in ("large mean, tiny spread", "subnormal", "an infinity", "a NaN"):
             expected = np.flatnonzero(reference_mask(flat, quantile))
             np.testing.assert_array_equal(indices.numpy(), expected, err_msg=name)
+        # the loop runs wherever both order statistics exist, and gives way where a deviation is not finite
         top_rank = quantile * (flat.numel() - 1) >= flat.numel() - 1
-        compiled = not (top_rank or name in ("an infinity", "a NaN"))
-        assert narrowed == ([flat.numel()] if compiled else []), name
+        finite = name not in ("an infinity", "a NaN")
+        assert narrowed == ([] if top_rank else [(flat.numel(), finite)]), name
 
 
 def _kept(grads, quantile):

@@ -125,7 +125,13 @@ def _outside_bounds(mean: float, low: float, dtype: np.dtype) -> tuple[np.floati
 def _quantile_of_deviations(d: np.ndarray, rank: int, frac: float, tied: bool | None = None) -> float:
     """The interpolated quantile between order statistics ``rank`` and ``rank + 1`` of |g - mean|
     (``tied``: see ``adjacent_in_array``)."""
-    pair = torch.from_numpy(np.array(adjacent_in_array(d, rank, nonnegative=True, tied=tied)))
+    return _interpolated(np.array(adjacent_in_array(d, rank, nonnegative=True, tied=tied)), frac)
+
+
+def _interpolated(pair: np.ndarray, frac: float) -> float:
+    """The quantile between its two order statistics ``pair``, interpolated as ``torch.quantile`` does (by
+    ``torch.lerp`` itself: its rounding, fused or not, is the reference's)."""
+    pair = torch.from_numpy(pair)
     return torch.lerp(pair[0], pair[1], frac).item()
 
 
@@ -155,13 +161,10 @@ def _kept_small(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspa
     if not kernel.supports(gradient) or lo + 1 >= n:
         return _kept_exact(flat, mean, q)
     d, band, _ = work.deviations(gradient.dtype, n)
-    band = band[:n]
-    threads = kernel.threads(n, kernel.PARALLEL_CANDIDATES)
-    _, finite = kernel.deviations(gradient, float(mean), 0.0, math.inf, d, band, threads)
-    if finite < n:  # an infinite or NaN deviation: not in the copy, which then misses ranks
+    narrowed = kernel.narrow_deviations(gradient, float(mean), lo, d, band)
+    if narrowed is None:  # an infinite or NaN deviation, which the buckets cannot place
         return _kept_exact(flat, mean, q)
-    moved, below = kernel.narrow(band, 0.0, np.finfo(gradient.dtype).max, lo)
-    threshold = _quantile_of_deviations(band[:moved], lo - below, frac)
+    threshold = _threshold(band, lo, frac, *narrowed)
     return _candidates_above(work.positions(n), gradient, d, threshold, None, None)
 
 
@@ -382,11 +385,21 @@ def _kept_bracketed(
     # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
     rank = lo - (n - d.size)
     near = _near_the_quantile(d, rank, high, mask, band)
-    if near is band and kernel.supports(band):  # the compiled band: narrowed to a few entries in one call
-        moved, below = kernel.narrow(band, low, high, rank)
-        near, rank, tied = band[:moved], rank - below, None
-    threshold = _quantile_of_deviations(near, rank, frac, tied)
+    if near is band and kernel.supports(band):  # the compiled band: narrowed to the two in one call
+        threshold = _threshold(band, rank, frac, *kernel.narrow_pair(band, low, high, rank))
+    else:
+        threshold = _quantile_of_deviations(near, rank, frac, tied)
     return _candidates_above(indices, values, d, threshold, mask, out)
+
+
+def _threshold(
+    band: np.ndarray, rank: int, frac: float, left: int, below: int, pair: np.ndarray | None
+) -> float:
+    """The quantile from a compiled narrowing of ``band`` (``kernel.narrow_pair``): from its two order
+    statistics, or, where ties left more entries than the loop sorts, selected among those left."""
+    if pair is not None:
+        return _interpolated(pair, frac)
+    return _quantile_of_deviations(band[:left], rank - below, frac)
 
 
 def _near_the_quantile(
@@ -425,13 +438,17 @@ def _candidates_above(
     return held_indices, held_values
 
 
+# The compiled loops' value dtypes as torch names them (cheaper than asking torch.from_numpy).
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
 def _candidates_above_compiled(
     indices: np.ndarray, values: np.ndarray, d: np.ndarray, bound, out: KeptBuffers | None
 ) -> Kept:
     """``_candidates_above`` in the compiled loops: a count, then one loop that keeps the entries (each split
     between torch's threads when there are enough candidates)."""
     counts = kernel.count_above(d, bound, kernel.threads(d.size, kernel.PARALLEL_CANDIDATES))
-    count, dtype = int(counts.sum()), torch.from_numpy(values[:0]).dtype
+    count, dtype = int(counts.sum()), _TORCH_DTYPES[values.dtype]
     if out is None:
         kept = torch.empty(count, dtype=torch.long), torch.empty(count, dtype=dtype)
     else:

@@ -234,44 +234,134 @@ DEVIATIONS(double, f64, fabs)
    where that is about fifteen, and in the step, where each tensor's selection starts cold, the calls are
    the cost (docs/performance.md). */
 #define NARROW_BUCKETS 2048
-#define NARROW(T, U, SUFFIX)                                                                           \
+/* At most this many entries left, the order statistics are sorted out of them (refine). */
+#define PAIR_SORT 32
+#define NARROW(T, U, SUFFIX, ABS)                                                                      \
     static inline U key_##SUFFIX(T value) {                                                          \
         U key;                                                                                       \
         memcpy(&key, &value, sizeof key);                                                            \
         return key;                                                                                  \
+    }                                                                                                \
+    /* The buckets of [low, high]: keys from *base, shifted right by *shift. */                        \
+    static inline void buckets_##SUFFIX(T low, T high, U *base, int *shift) {                        \
+        U span = key_##SUFFIX(high) > key_##SUFFIX(low) ? key_##SUFFIX(high) - key_##SUFFIX(low) : 0; \
+        *base = key_##SUFFIX(low);                                                                   \
+        *shift = 0;                                                                                  \
+        while ((span >> *shift) >= NARROW_BUCKETS - 1) (*shift)++;                                   \
     }                                                                                                \
     static inline int64_t bucket_##SUFFIX(T value, U base, int shift) {                              \
         U key = key_##SUFFIX(value);                                                                 \
         U step = key > base ? (key - base) >> shift : 0;                                             \
         return step < NARROW_BUCKETS - 1 ? (int64_t)step : NARROW_BUCKETS - 1;                      \
     }                                                                                                \
-    int64_t narrow_##SUFFIX(T *band, int64_t m, T low, T high, int64_t rank, int64_t *below) {      \
-        U base = key_##SUFFIX(low), span = key_##SUFFIX(high) > base ? key_##SUFFIX(high) - base : 0; \
-        int shift = 0;                                                                               \
-        while ((span >> shift) >= NARROW_BUCKETS - 1) shift++;                                       \
-        int64_t counts[NARROW_BUCKETS] = {0};                                                        \
-        for (int64_t j = 0; j < m; j++) counts[bucket_##SUFFIX(band[j], base, shift)]++;            \
+    /* From the buckets' counts, the keys [*klo, *khi) of the buckets that hold order statistics rank   \
+       and rank + 1; returns how many entries lie in the buckets before them. */                      \
+    static inline int64_t bucket_range_##SUFFIX(const int64_t *counts, U base, int shift, int64_t rank, \
+                                                U *klo, U *khi) {                                    \
         int64_t first = 0, seen = 0;                                                                 \
         while (seen + counts[first] <= rank) seen += counts[first++];                                \
         int64_t last = first, through = seen + counts[first];                                       \
         while (through <= rank + 1) through += counts[++last];                                       \
         /* Buckets first..last are the keys from klo up to khi (excluded): bucket 0 and the last one  \
            are open below and above. base + span (< 2^(bits - 1)) plus at most twice span stays in U. */ \
-        U klo = first > 0 ? base + ((U)first << shift) : 0;                                          \
-        U khi = last < NARROW_BUCKETS - 1 ? base + ((U)(last + 1) << shift) : (U)~(U)0;              \
+        *klo = first > 0 ? base + ((U)first << shift) : 0;                                           \
+        *khi = last < NARROW_BUCKETS - 1 ? base + ((U)(last + 1) << shift) : (U)~(U)0;               \
+        return seen;                                                                                 \
+    }                                                                                                \
+    /* The entries of from[0..m) with keys in [klo, khi), in order, into to[0..); returns how many. to  \
+       may be from itself. */                                                                        \
+    static inline int64_t move_range_##SUFFIX(const T *from, int64_t m, U klo, U khi, T *to) {       \
         int64_t c = 0;                                                                               \
         for (int64_t j = 0; j < m; j++) {                                                            \
-            T value = band[j];                                                                       \
+            T value = from[j];                                                                       \
             U key = key_##SUFFIX(value);                                                             \
-            band[c] = value;                                                                         \
+            to[c] = value;                                                                           \
             c += (key >= klo) & (key < khi);                                                         \
         }                                                                                            \
-        *below = seen;                                                                               \
         return c;                                                                                    \
+    }                                                                                                \
+    int64_t narrow_##SUFFIX(T *band, int64_t m, T low, T high, int64_t rank, int64_t *below) {      \
+        U base, klo, khi;                                                                            \
+        int shift;                                                                                   \
+        buckets_##SUFFIX(low, high, &base, &shift);                                                  \
+        int64_t counts[NARROW_BUCKETS] = {0};                                                        \
+        for (int64_t j = 0; j < m; j++) counts[bucket_##SUFFIX(band[j], base, shift)]++;            \
+        *below = bucket_range_##SUFFIX(counts, base, shift, rank, &klo, &khi);                       \
+        return move_range_##SUFFIX(band, m, klo, khi, band);                                         \
+    }                                                                                                \
+    /* Order statistics rank and rank + 1 of band[0..m) (narrowed, non-negative, finite), into pair:\
+       narrowed again between the entries' least and greatest until at most PAIR_SORT are left, which\
+       are then sorted. Returns how many are left, with *below counting those set aside under them; \
+       more than PAIR_SORT (ties the buckets cannot split) leaves pair unset, for the caller to select.  */\
+    static int64_t refine_##SUFFIX(T *band, int64_t m, int64_t rank, int64_t *below, T *pair) {     \
+        *below = 0;                                                                                 \
+        while (m > PAIR_SORT) {                                                                     \
+            U least = key_##SUFFIX(band[0]), most = least;                                          \
+            for (int64_t j = 1; j < m; j++) {                                                       \
+                U key = key_##SUFFIX(band[j]);                                                      \
+                least = key < least ? key : least;                                                  \
+                most = key > most ? key : most;                                                     \
+            }                                                                                       \
+            if (least == most) return m; /* all tied: no bucket can split them */                   \
+            T low, high;                                                                            \
+            memcpy(&low, &least, sizeof low);                                                       \
+            memcpy(&high, &most, sizeof high);                                                      \
+            int64_t under, moved = narrow_##SUFFIX(band, m, low, high, rank - *below, &under);      \
+            if (moved == m) return m; /* no bucket split them */                                    \
+            m = moved;                                                                              \
+            *below += under;                                                                        \
+        }                                                                                           \
+        for (int64_t j = 1; j < m; j++) { /* insertion sort, by key: the order of non-negative floats */\
+            T value = band[j];                                                                      \
+            U key = key_##SUFFIX(value);                                                            \
+            int64_t i = j;                                                                          \
+            for (; i > 0 && key_##SUFFIX(band[i - 1]) > key; i--) band[i] = band[i - 1];            \
+            band[i] = value;                                                                        \
+        }                                                                                           \
+        pair[0] = band[rank - *below];                                                              \
+        pair[1] = band[rank + 1 - *below];                                                          \
+        return m;                                                                                   \
+    }                                                                                               \
+    /* narrow_##SUFFIX, then refine_##SUFFIX: the two order statistics themselves into pair where at\
+       most PAIR_SORT entries are left (the return value); *below counts all the entries set aside  \
+       under those left. */                                                                         \
+    int64_t narrow_pair_##SUFFIX(T *band, int64_t m, T low, T high, int64_t rank, int64_t *below,   \
+                                 T *pair) {                                                         \
+        int64_t first, more;                                                                        \
+        int64_t moved = narrow_##SUFFIX(band, m, low, high, rank, &first);                          \
+        int64_t left = refine_##SUFFIX(band, moved, rank - first, &more, pair);                     \
+        *below = first + more;                                                                      \
+        return left;                                                                                \
+    }                                                                                               \
+    /* A small tensor's whole selection up to its order statistics, in one thread and two passes:       \
+       d[j] = |g[j] - center| (as deviations_##SUFFIX computes it) and the buckets of [0, the largest    \
+       finite value] counted in one, then the d of the buckets that hold order statistics rank and       \
+       rank + 1 moved, in order, into band: narrow_##SUFFIX's result for a band that is all of d, without \
+       writing that band first and reading it back; then refine_##SUFFIX. Returns how many are left,   \
+       *below and pair as narrow_pair_##SUFFIX does; -1 if a deviation is infinite or NaN, which the     \
+       buckets would misplace. */                                                                        \
+    int64_t narrow_deviations_##SUFFIX(const T *g, int64_t n, T center, T largest, int64_t rank, T *d,   \
+                                       T *band, int64_t *below, T *pair) {                                    \
+        U base, klo, khi;                                                                            \
+        int shift;                                                                                   \
+        buckets_##SUFFIX(0, largest, &base, &shift);                                                 \
+        int64_t counts[NARROW_BUCKETS] = {0}, finite = 0;                                            \
+        for (int64_t j = 0; j < n; j++) {                                                            \
+            T dev = ABS(g[j] - center);                                                              \
+            d[j] = dev;                                                                              \
+            finite += dev <= largest;                                                                \
+            counts[bucket_##SUFFIX(dev, base, shift)]++;                                             \
+        }                                                                                            \
+        if (finite < n) return -1;                                                                  \
+        int64_t first = bucket_range_##SUFFIX(counts, base, shift, rank, &klo, &khi), more;         \
+        int64_t moved = move_range_##SUFFIX(d, n, klo, khi, band);                                  \
+        int64_t left = refine_##SUFFIX(band, moved, rank - first, &more, pair);                     \
+        *below = first + more;                                                                      \
+        return left;                                                                                \
     }
 
-NARROW(float, uint32_t, f32)
-NARROW(double, uint64_t, f64)
+NARROW(float, uint32_t, f32, fabsf)
+NARROW(double, uint64_t, f64, fabs)
 
 #define KEEP_ABOVE_SCALAR(T, SUFFIX)                                                                   \
     static int64_t keep_above_scalar_##SUFFIX(const int32_t *idx, const T *val, const T *d, int64_t m,  \
