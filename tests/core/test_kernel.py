@@ -253,6 +253,55 @@ def test_narrow_pair_gives_the_two_order_statistics_or_the_few_entries_that_hold
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_order_statistics_are_a_sorts_or_none(dtype):
+    """Any two ranks (equal, at both ends) of spread, subnormal and tied samples: a sort's order statistics,
+    the sample left as it was; None where ties leave the loop too many entries to sort, or an entry is
+    infinite or NaN. Ranks outside the sample, or too small a buffer, are refused."""
+    rng = np.random.default_rng(11)
+    samples = {
+        "spread": np.abs(rng.standard_normal(9000)),
+        "wide": np.abs(rng.standard_normal(3000)) * np.exp(rng.uniform(-60, 60, size=3000)),
+        "subnormal": np.abs(rng.standard_normal(2000)) * float(np.finfo(dtype).smallest_subnormal) * 9,
+        "few values": rng.integers(0, 4, size=2000).astype(np.float64),
+        "one value": np.full(1500, 0.5),
+        "two entries": np.array([2.0, 1.0]),
+    }
+    found = {}
+    for name, values in samples.items():
+        sample = values.astype(dtype)
+        ordered = np.sort(sample)
+        m = sample.size
+        for first, last in {
+            (0, 0),
+            (0, m - 1),
+            (m - 1, m - 1),
+            (m // 2, m // 2),
+            (m // 3, m - 2),
+            (1, 9 * m // 10),
+        }:
+            if first > last or last >= m:
+                continue
+            given = sample.copy()
+            pair = kernel.order_statistics(given, first, last, np.empty(m, dtype))
+            assert given.tobytes() == sample.tobytes(), name
+            if pair is not None:
+                assert pair.tolist() == ordered[[first, last]].tolist(), (name, first, last)
+            found[name, first, last] = pair is not None
+    assert all(
+        ok for (name, _, _), ok in found.items() if name in ("spread", "wide", "one value", "two entries")
+    )
+    assert not found["few values", 1, 1800]  # hundreds of copies of each value at both ranks
+    for bad in (np.inf, np.nan):
+        sample = np.array([1.0, 2.0, bad, 0.5], dtype=dtype)
+        assert kernel.order_statistics(sample, 0, 1, np.empty(4, dtype)) is None
+    for first, last in ((-1, 2), (2, 1), (0, 4)):
+        with pytest.raises(ValueError, match="order statistics"):
+            kernel.order_statistics(np.ones(4, dtype), first, last, np.empty(4, dtype))
+    with pytest.raises(ValueError, match="cannot hold"):
+        kernel.order_statistics(np.ones(4, dtype), 0, 1, np.empty(3, dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_narrow_deviations_is_the_deviations_then_narrow_pair_over_all_of_them(dtype):
     """One loop writes d = |g - center| as NumPy computes it and counts the buckets, a second moves the
     entries near order statistics ``rank`` and ``rank + 1``, which are then narrowed as ``narrow_pair`` does:

@@ -7,7 +7,7 @@ from reference import as_f64, reference_mask, reference_offsets
 from torch.overrides import TorchFunctionMode
 
 from zsam_hf.perturbation import SharpnessPerturbation, SparseOffset
-from zsam_hf.selection import interpolated_quantile, zscore_mask
+from zsam_hf.selection import interpolated_quantile, kernel, zscore_mask
 
 QUANTILES = [0.0, 0.3, 0.5, 0.9, 0.95, 0.99]
 
@@ -338,8 +338,10 @@ def test_mask_of_a_30m_entry_tensor_uses_linear_selection(monkeypatch):
     sorted_sizes = [size for name, size in spy.calls if name in ("sort", "argsort", "msort", "quantile")]
     assert max(sorted_sizes, default=0) <= n // 100, spy.calls  # only a small sample is ever sorted
     assert all(size <= n // 10 for name, size in spy.calls), spy.calls  # selections see a thin bracket
-    # NumPy selections: the sample, and the candidates (the kept 5% plus a thin bracket), never all n
-    assert partitioned and max(partitioned) <= 0.06 * n, partitioned
+    # NumPy selections (the compiled loops select without them): the sample, and the candidates (the kept
+    # 5% plus a thin bracket), never all n
+    assert max(partitioned, default=0) <= 0.06 * n, partitioned
+    assert partitioned or kernel.library() is not None
     np.testing.assert_array_equal(ours.numpy(), reference_mask(grad, 0.95))
     assert ours.sum().item() == pytest.approx(0.05 * n, rel=1e-3)
 
@@ -418,7 +420,9 @@ def test_cpu_order_statistics_match_a_sort(n, ties, dtype, monkeypatch):
 @pytest.mark.parametrize("m", [5, 600, 17_000])
 def test_sample_bracket_matches_a_sorted_sample(kind, m):
     """``_bracket`` (one partition at both ranks, a sort of the part above) gives what a sorted sample gives:
-    its two order statistics and whether the part from the lower one up is heavily tied."""
+    its two order statistics and whether the part from the lower one up is heavily tied. With a workspace
+    the compiled loops narrow the sample instead (leaving it as it was): the same order statistics, and the
+    ties unjudged (None) unless they left the loops too many entries and NumPy took over."""
     import math
 
     from zsam_hf.selection import cpu
@@ -437,7 +441,14 @@ def test_sample_bracket_matches_a_sorted_sample(kind, m):
     margin = int(cpu.BRACKET_SIGMAS * math.sqrt(m * q * (1 - q))) + 2
     first = max(0, math.floor(q * (m - 1)) - margin)
     last = min(m - 1, math.ceil(q * (m - 1)) + margin)
-    assert cpu._bracket(sample.copy(), q) == (ordered[first], ordered[last], heavily_tied(ordered[first:]))
+    expected = (ordered[first], ordered[last], heavily_tied(ordered[first:]))
+    assert cpu._bracket(sample.copy(), q) == expected
+    given = sample.copy()
+    low, high, tied = cpu._bracket(given, q, cpu._Workspace())
+    assert (low, high) == expected[:2] and type(low) is np.float32 and given.tobytes() == sample.tobytes()
+    assert tied is None or tied == expected[2]
+    if kernel.library() is not None and kind == "distinct":
+        assert tied is None  # the loops found both
 
 
 @pytest.mark.parametrize("where", ["inside", "misses low", "misses high", "mostly tied"])
@@ -611,8 +622,8 @@ def test_the_band_under_the_samples_upper_bound_selects_what_all_candidates_sele
 
     bracket = cpu._bracket
 
-    def moved_upper(sample, q):
-        low, high, tied = bracket(sample, q)
+    def moved_upper(sample, q, work=None):
+        low, high, tied = bracket(sample, q, work)
         if upper == "just above low":
             high = np.nextafter(low, sample.dtype.type(np.inf))
         elif upper == "beyond every entry":

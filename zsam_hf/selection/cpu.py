@@ -183,6 +183,7 @@ class _Workspace:
         self._candidates: dict[tuple[np.dtype, np.dtype], tuple[np.ndarray, np.ndarray]] = {}
         self._deviations: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
         self._positions = np.empty(0, dtype=kernel.INDEX)
+        self._scratch: dict[np.dtype, np.ndarray] = {}
 
     def candidates(
         self, dtype: np.dtype, needed: int, kept: int, index: np.dtype = np.dtype(np.int64)
@@ -206,6 +207,13 @@ class _Workspace:
         if self._positions.size < size:
             self._positions = np.arange(max(size, SMALL_TENSOR), dtype=kernel.INDEX)
         return self._positions[:size]
+
+    def scratch(self, dtype: np.dtype, size: int) -> np.ndarray:
+        """A buffer of ``size`` entries (a sample's: at most MAX_SAMPLE) for the compiled loops to narrow in."""
+        buffer = self._scratch.get(dtype)
+        if buffer is None or buffer.size < size:
+            buffer = self._scratch[dtype] = np.empty(max(size, MAX_SAMPLE), dtype=dtype)
+        return buffer[:size]
 
     def deviations(self, dtype: np.dtype, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Buffers for ``size`` deviations and for the band of them near the quantile, and a mask buffer
@@ -266,19 +274,28 @@ def _expected_candidates(in_sample: np.ndarray, n: int, parts: int) -> list[int]
     return expected
 
 
-def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bool]:
+def _bracket(
+    sample: np.ndarray, q: float, work: _Workspace | None = None
+) -> tuple[np.floating, np.floating, bool | None]:
     """Sample order statistics BRACKET_SIGMAS binomial rank deviations either side of q,
-    and whether the sample at and above the lower one is heavily tied.
+    and whether the sample at and above the lower one is heavily tied (None: not known).
 
     The lower one bounds the quantile from below; both equal means a run of tied values
-    straddles the quantile.  One partition at both ranks places them (a sort of the whole
-    sample cost 5x more); only the part from the lower bound up, the few percent above the
-    quantile, is sorted, to say whether the candidates are tied.  A sample that is tied
-    almost everywhere (a partition's worst case, see ``adjacent_in_array``) is sorted whole.
+    straddles the quantile.  The compiled loops (with ``work``) narrow the sample by buckets
+    to a few entries around each rank and sort those (the ties then go unjudged: a later
+    selection that needs to know probes for itself).  Without them, or where ties leave too
+    many entries, one partition at both ranks places them (a sort of the whole sample cost
+    5x more); only the part from the lower bound up, the few percent above the quantile, is
+    sorted, to say whether the candidates are tied.  A sample that is tied almost everywhere
+    (a partition's worst case, see ``adjacent_in_array``) is sorted whole.
     """
     m = sample.size
     first, last = bracket_ranks(m, q, BRACKET_SIGMAS)
     first, last = max(0, first), min(m - 1, last)
+    if work is not None and m > 1 and kernel.supports(sample):
+        found = kernel.order_statistics(sample, first, last, work.scratch(sample.dtype, m))
+        if found is not None:
+            return found[0], found[1], None
     keys = integer_keys(sample)  # non-negative: ordered as integers
     if probe_is_tied(keys):
         ordered = np.sort(keys)
@@ -358,7 +375,7 @@ def _kept_bracketed(
     n = flat.numel()
     (lo, hi), frac = quantile_ranks(n, q)
     sample = _sample(flat, mean)
-    low, high, tied = _bracket(sample, q)
+    low, high, tied = _bracket(sample, q, work)
     gradient, center = flat.numpy(), mean.numpy()
     # A constant gradient (e.g. zero, behind a zero-initialized norm scale): every |g - mean| is equal,
     # none is above the quantile.

@@ -333,6 +333,45 @@ DEVIATIONS(double, f64, fabs)
         *below = first + more;                                                                      \
         return left;                                                                                \
     }                                                                                               \
+    /* Order statistics first and last (first <= last < m) of values[0..m) (non-negative), into     \
+       out[0] and out[1], with work (m entries) for the narrowing: the least and greatest keys in one\
+       pass, the buckets between them counted in a second, then for each rank the entries of the buckets\
+       that hold it (and its neighbour) moved into work and refined. values is left as it was. Returns\
+       0; -1 if an entry is infinite or NaN, or ties the buckets cannot split leave more than PAIR_SORT\
+       entries (the caller then selects). */                                                        \
+    int64_t order_statistics_##SUFFIX(const T *values, int64_t m, int64_t first, int64_t last,      \
+                                      T largest, T *work, T *out) {                                 \
+        U least = key_##SUFFIX(values[0]), most = least;                                            \
+        for (int64_t j = 1; j < m; j++) {                                                           \
+            U key = key_##SUFFIX(values[j]);                                                        \
+            least = key < least ? key : least;                                                      \
+            most = key > most ? key : most;                                                         \
+        }                                                                                           \
+        if (most > key_##SUFFIX(largest)) return -1;                                                \
+        if (least == most) {                                                                        \
+            out[0] = out[1] = values[0];                                                            \
+            return 0;                                                                               \
+        }                                                                                           \
+        T low, high;                                                                                \
+        memcpy(&low, &least, sizeof low);                                                           \
+        memcpy(&high, &most, sizeof high);                                                          \
+        U base, klo, khi;                                                                           \
+        int shift;                                                                                  \
+        buckets_##SUFFIX(low, high, &base, &shift);                                                 \
+        int64_t counts[NARROW_BUCKETS] = {0};                                                       \
+        for (int64_t j = 0; j < m; j++) counts[bucket_##SUFFIX(values[j], base, shift)]++;          \
+        int64_t ranks[2] = {first, last};                                                           \
+        for (int r = 0; r < 2; r++) {                                                               \
+            /* the pair (rank, rank + 1) that holds ranks[r]: its lower member, or the upper one at the end */\
+            int64_t rank = ranks[r] < m - 1 ? ranks[r] : ranks[r] - 1, more;                        \
+            T pair[2];                                                                              \
+            int64_t first_below = bucket_range_##SUFFIX(counts, base, shift, rank, &klo, &khi);     \
+            int64_t moved = move_range_##SUFFIX(values, m, klo, khi, work);                         \
+            if (refine_##SUFFIX(work, moved, rank - first_below, &more, pair) > PAIR_SORT) return -1;\
+            out[r] = pair[ranks[r] == rank ? 0 : 1];                                                \
+        }                                                                                           \
+        return 0;                                                                                   \
+    }                                                                                               \
     /* A small tensor's whole selection up to its order statistics, in one thread and two passes:       \
        d[j] = |g[j] - center| (as deviations_##SUFFIX computes it) and the buckets of [0, the largest    \
        finite value] counted in one, then the d of the buckets that hold order statistics rank and       \

@@ -133,6 +133,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
             "count_above": (count, [pointer, count, scalar, pointer, threads]),
             "narrow": (count, [pointer, count, scalar, scalar, count, out]),
             "narrow_pair": (count, [pointer, count, scalar, scalar, count, out, pointer]),
+            "order_statistics": (count, [pointer, count, count, count, scalar, pointer, pointer]),
             "narrow_deviations": (
                 count,
                 [pointer, count, scalar, scalar, count, pointer, pointer, out, pointer],
@@ -341,6 +342,23 @@ def narrow_pair(band: np.ndarray, low, high, rank: int) -> tuple[int, int, np.nd
         _address(band), band.size, low, high, rank, ctypes.byref(below), _address(pair)
     )
     return left, below.value, pair if left <= PAIR_SORT else None
+
+
+def order_statistics(values: np.ndarray, first: int, last: int, work: np.ndarray) -> np.ndarray | None:
+    """Order statistics ``first`` and ``last`` of ``values`` (non-negative; ``values`` is left as it was),
+    narrowed by buckets between its least and greatest entries into ``work`` (as many entries) and sorted
+    out there: two passes over ``values`` and two small moves where NumPy partitions and sorts. None where an
+    entry is infinite or NaN, or ties leave more entries than the loop sorts (select them another way)."""
+    m = values.size
+    if not 0 <= first <= last < m or m < 2:
+        raise ValueError(f"order statistics {first} and {last} of {m} entries")
+    if work.size < m:
+        raise ValueError(f"a buffer of {work.size} entries cannot hold {m}")
+    out = np.empty(2, dtype=values.dtype)
+    found = _loop("order_statistics", values.dtype)(
+        _address(values), m, first, last, np.finfo(values.dtype).max, _address(work), _address(out)
+    )
+    return out if found == 0 else None
 
 
 def narrow_deviations(
