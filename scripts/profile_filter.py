@@ -40,8 +40,9 @@ from zsam_hf.selection.order_statistics import as_float
 # (module, function, what it is); the order is the order within a tensor's selection.
 PARTS = (
     (perturbation, "gradient_mean", "means: a pass over each weight gradient"),
-    (cpu, "_sample", "the strided sample"),
-    (cpu, "_bracket", "the sample's bracket of the quantile"),
+    (cpu, "_sampled_bracket", "the strided sample and its bracket of the quantile"),
+    (cpu, "_sample", "the strided sample through torch (without the loops)"),
+    (cpu, "_bracket", "the bracket through NumPy (without the loops, or where ties leave them too many)"),
     (cpu, "_candidates", "the collecting pass"),
     (kernel, "deviations", "the candidates' deviations and band"),
     (kernel, "narrow_pair", "the band narrowed to the two order statistics"),

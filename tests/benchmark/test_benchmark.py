@@ -335,7 +335,7 @@ def test_the_filter_profile_times_every_part_inside_steps_and_unwraps_them(tmp_p
     assert result["calls"]["_candidates"] == result["large_weight_tensors"]
     assert 0 < result["calls"]["climb_entries"] <= result["weight_tensors"]
     total = result["seconds"]["perturbation"]
-    for name in ("_candidates", "_sample", "_bracket", "gradient_mean", "climb_entries"):
+    for name in ("_candidates", "_sampled_bracket", "gradient_mean", "climb_entries"):
         assert 0 < result["parts"][name] <= total
     assert 0 < result["parts"]["scatter_entries"] <= result["seconds"]["restore"]
     by_size = result["by_size"]

@@ -420,9 +420,9 @@ def test_cpu_order_statistics_match_a_sort(n, ties, dtype, monkeypatch):
 @pytest.mark.parametrize("m", [5, 600, 17_000])
 def test_sample_bracket_matches_a_sorted_sample(kind, m):
     """``_bracket`` (one partition at both ranks, a sort of the part above) gives what a sorted sample gives:
-    its two order statistics and whether the part from the lower one up is heavily tied. With a workspace
-    the compiled loops narrow the sample instead (leaving it as it was): the same order statistics, and the
-    ties unjudged (None) unless they left the loops too many entries and NumPy took over."""
+    its two order statistics and whether the part from the lower one up is heavily tied. The compiled loops
+    (``kernel.sample_bracket``; here with stride 1 and centre 0, so the sample is the array itself) find the
+    same order statistics, or give way (None) where ties leave them too many entries."""
     import math
 
     from zsam_hf.selection import cpu
@@ -443,12 +443,14 @@ def test_sample_bracket_matches_a_sorted_sample(kind, m):
     last = min(m - 1, math.ceil(q * (m - 1)) + margin)
     expected = (ordered[first], ordered[last], heavily_tied(ordered[first:]))
     assert cpu._bracket(sample.copy(), q) == expected
-    given = sample.copy()
-    low, high, tied = cpu._bracket(given, q, cpu._Workspace())
-    assert (low, high) == expected[:2] and type(low) is np.float32 and given.tobytes() == sample.tobytes()
-    assert tied is None or tied == expected[2]
-    if kernel.library() is not None and kind == "distinct":
-        assert tied is None  # the loops found both
+    if kernel.library() is not None and m > 1:
+        copied = np.full(m, np.nan, dtype=np.float32)
+        found = kernel.sample_bracket(sample, 0, 1, 0.0, first, last, copied, np.empty(m, dtype=np.float32))
+        assert copied.tobytes() == sample.tobytes()
+        assert found is None or found.tolist() == [ordered[first], ordered[last]]
+        assert found is not None or kind in ("few values", "mostly zero", "tied above the quantile")
+        if kind == "distinct":
+            assert found is not None
 
 
 @pytest.mark.parametrize("where", ["inside", "misses low", "misses high", "mostly tied"])
@@ -620,17 +622,17 @@ def test_the_band_under_the_samples_upper_bound_selects_what_all_candidates_sele
     that lies above every entry still gives the full selection's kept set."""
     from zsam_hf.selection import cpu, gradient_mean
 
-    bracket = cpu._bracket
+    sampled_bracket = cpu._sampled_bracket
 
-    def moved_upper(sample, q, work=None):
-        low, high, tied = bracket(sample, q, work)
+    def moved_upper(flat, mean, q, work):
+        sample, (low, high, tied) = sampled_bracket(flat, mean, q, work)
         if upper == "just above low":
             high = np.nextafter(low, sample.dtype.type(np.inf))
         elif upper == "beyond every entry":
             high = sample.dtype.type(np.inf)
-        return low, high, tied
+        return sample, (low, high, tied)
 
-    monkeypatch.setattr(cpu, "_bracket", moved_upper)
+    monkeypatch.setattr(cpu, "_sampled_bracket", moved_upper)
     flat = _hard_gradients()[name]
     mean = gradient_mean(flat)
     indices, values = cpu._kept_bracketed(flat, mean, 0.95, cpu._Workspace())

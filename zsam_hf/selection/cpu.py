@@ -183,6 +183,7 @@ class _Workspace:
         self._candidates: dict[tuple[np.dtype, np.dtype], tuple[np.ndarray, np.ndarray]] = {}
         self._deviations: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
         self._positions = np.empty(0, dtype=kernel.INDEX)
+        self._samples: dict[np.dtype, np.ndarray] = {}
         self._scratch: dict[np.dtype, np.ndarray] = {}
 
     def candidates(
@@ -208,11 +209,19 @@ class _Workspace:
             self._positions = np.arange(max(size, SMALL_TENSOR), dtype=kernel.INDEX)
         return self._positions[:size]
 
+    def sample(self, dtype: np.dtype, size: int) -> np.ndarray:
+        """A buffer for a sample of ``size`` entries (about MAX_SAMPLE at most)."""
+        return self._sized(self._samples, dtype, size)
+
     def scratch(self, dtype: np.dtype, size: int) -> np.ndarray:
-        """A buffer of ``size`` entries (a sample's: at most MAX_SAMPLE) for the compiled loops to narrow in."""
-        buffer = self._scratch.get(dtype)
+        """A buffer of ``size`` entries (a sample's) for the compiled loops to narrow in."""
+        return self._sized(self._scratch, dtype, size)
+
+    @staticmethod
+    def _sized(buffers: dict[np.dtype, np.ndarray], dtype: np.dtype, size: int) -> np.ndarray:
+        buffer = buffers.get(dtype)
         if buffer is None or buffer.size < size:
-            buffer = self._scratch[dtype] = np.empty(max(size, MAX_SAMPLE), dtype=dtype)
+            buffer = buffers[dtype] = np.empty(max(size, MAX_SAMPLE), dtype=dtype)
         return buffer[:size]
 
     def deviations(self, dtype: np.dtype, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -257,6 +266,25 @@ def _sample(flat: torch.Tensor, mean: torch.Tensor) -> np.ndarray:
     return (flat[stride // 2 :: stride] - mean).abs_().numpy()
 
 
+def _sampled_bracket(
+    flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspace
+) -> tuple[np.ndarray, tuple[np.floating, np.floating, bool | None]]:
+    """``_sample`` and its ``_bracket`` (the tie judgement None: not made, as a later selection that needs it
+    probes for itself): in one compiled call where the loops take the gradient, the sample then in
+    ``work``'s buffer, valid until the next tensor's."""
+    gradient = flat.numpy()
+    if not kernel.supports(gradient):
+        sample = _sample(flat, mean)
+        return sample, _bracket(sample, q)
+    n, stride = gradient.size, _sample_stride(gradient.size)
+    m = (n - 1 - stride // 2) // stride + 1  # the positions stride // 2, stride // 2 + stride, ... below n
+    sample = work.sample(gradient.dtype, m)
+    first, last = _bracket_ranks(m, q)
+    scratch = work.scratch(gradient.dtype, m)
+    found = kernel.sample_bracket(gradient, stride // 2, stride, float(mean), first, last, sample, scratch)
+    return sample, (_bracket(sample, q) if found is None else (found[0], found[1], None))
+
+
 def _expected_candidates(in_sample: np.ndarray, n: int, parts: int) -> list[int]:
     """How many candidates each of ``parts`` equal parts of a tensor of ``n`` entries holds, as the sample
     has them (``in_sample``: which sampled entries are candidates). Each part is counted on its own
@@ -274,28 +302,24 @@ def _expected_candidates(in_sample: np.ndarray, n: int, parts: int) -> list[int]
     return expected
 
 
-def _bracket(
-    sample: np.ndarray, q: float, work: _Workspace | None = None
-) -> tuple[np.floating, np.floating, bool | None]:
-    """Sample order statistics BRACKET_SIGMAS binomial rank deviations either side of q,
-    and whether the sample at and above the lower one is heavily tied (None: not known).
+def _bracket_ranks(m: int, q: float) -> tuple[int, int]:
+    """The ranks of a sample of ``m`` entries that bracket the q quantile: BRACKET_SIGMAS binomial rank
+    deviations either side of it, within the sample."""
+    first, last = bracket_ranks(m, q, BRACKET_SIGMAS)
+    return max(0, first), min(m - 1, last)
+
+
+def _bracket(sample: np.ndarray, q: float) -> tuple[np.floating, np.floating, bool]:
+    """Sample order statistics BRACKET_SIGMAS binomial rank deviations either side of q (``_bracket_ranks``),
+    and whether the sample at and above the lower one is heavily tied, through NumPy.
 
     The lower one bounds the quantile from below; both equal means a run of tied values
-    straddles the quantile.  The compiled loops (with ``work``) narrow the sample by buckets
-    to a few entries around each rank and sort those (the ties then go unjudged: a later
-    selection that needs to know probes for itself).  Without them, or where ties leave too
-    many entries, one partition at both ranks places them (a sort of the whole sample cost
-    5x more); only the part from the lower bound up, the few percent above the quantile, is
-    sorted, to say whether the candidates are tied.  A sample that is tied almost everywhere
-    (a partition's worst case, see ``adjacent_in_array``) is sorted whole.
+    straddles the quantile.  One partition at both ranks places them (a sort of the whole
+    sample cost 5x more); only the part from the lower bound up, the few percent above the
+    quantile, is sorted, to say whether the candidates are tied.  A sample that is tied
+    almost everywhere (a partition's worst case, see ``adjacent_in_array``) is sorted whole.
     """
-    m = sample.size
-    first, last = bracket_ranks(m, q, BRACKET_SIGMAS)
-    first, last = max(0, first), min(m - 1, last)
-    if work is not None and m > 1 and kernel.supports(sample):
-        found = kernel.order_statistics(sample, first, last, work.scratch(sample.dtype, m))
-        if found is not None:
-            return found[0], found[1], None
+    first, last = _bracket_ranks(sample.size, q)
     keys = integer_keys(sample)  # non-negative: ordered as integers
     if probe_is_tied(keys):
         ordered = np.sort(keys)
@@ -374,8 +398,7 @@ def _kept_bracketed(
     (written into ``out`` when given)."""
     n = flat.numel()
     (lo, hi), frac = quantile_ranks(n, q)
-    sample = _sample(flat, mean)
-    low, high, tied = _bracket(sample, q, work)
+    sample, (low, high, tied) = _sampled_bracket(flat, mean, q, work)
     gradient, center = flat.numpy(), mean.numpy()
     # A constant gradient (e.g. zero, behind a zero-initialized norm scale): every |g - mean| is equal,
     # none is above the quantile.

@@ -339,7 +339,7 @@ DEVIATIONS(double, f64, fabs)
        that hold it (and its neighbour) moved into work and refined. values is left as it was. Returns\
        0; -1 if an entry is infinite or NaN, or ties the buckets cannot split leave more than PAIR_SORT\
        entries (the caller then selects). */                                                        \
-    int64_t order_statistics_##SUFFIX(const T *values, int64_t m, int64_t first, int64_t last,      \
+    static int64_t order_statistics_##SUFFIX(const T *values, int64_t m, int64_t first, int64_t last,      \
                                       T largest, T *work, T *out) {                                 \
         U least = key_##SUFFIX(values[0]), most = least;                                            \
         for (int64_t j = 1; j < m; j++) {                                                           \
@@ -371,6 +371,14 @@ DEVIATIONS(double, f64, fabs)
             out[r] = pair[ranks[r] == rank ? 0 : 1];                                                \
         }                                                                                           \
         return 0;                                                                                   \
+    }                                                                                               \
+    /* A large tensor's sample and its bracket in one call: sample[k] = |g[start + k stride] - center|\
+       (as deviations_##SUFFIX computes it) for k < m, then its order statistics first and last into out,\
+       as order_statistics_##SUFFIX finds them (with work), and with its return value. */           \
+    int64_t sample_bracket_##SUFFIX(const T *g, int64_t start, int64_t stride, int64_t m, T center, \
+                                    int64_t first, int64_t last, T largest, T *sample, T *work, T *out) {\
+        for (int64_t k = 0; k < m; k++) sample[k] = ABS(g[start + k * stride] - center);            \
+        return order_statistics_##SUFFIX(sample, m, first, last, largest, work, out);               \
     }                                                                                               \
     /* A small tensor's whole selection up to its order statistics, in one thread and two passes:       \
        d[j] = |g[j] - center| (as deviations_##SUFFIX computes it) and the buckets of [0, the largest    \

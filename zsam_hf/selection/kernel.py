@@ -133,7 +133,10 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
             "count_above": (count, [pointer, count, scalar, pointer, threads]),
             "narrow": (count, [pointer, count, scalar, scalar, count, out]),
             "narrow_pair": (count, [pointer, count, scalar, scalar, count, out, pointer]),
-            "order_statistics": (count, [pointer, count, count, count, scalar, pointer, pointer]),
+            "sample_bracket": (
+                count,
+                [pointer, count, count, count, scalar, count, count, scalar, pointer, pointer, pointer],
+            ),
             "narrow_deviations": (
                 count,
                 [pointer, count, scalar, scalar, count, pointer, pointer, out, pointer],
@@ -344,20 +347,34 @@ def narrow_pair(band: np.ndarray, low, high, rank: int) -> tuple[int, int, np.nd
     return left, below.value, pair if left <= PAIR_SORT else None
 
 
-def order_statistics(values: np.ndarray, first: int, last: int, work: np.ndarray) -> np.ndarray | None:
-    """Order statistics ``first`` and ``last`` of ``values`` (non-negative; ``values`` is left as it was),
-    narrowed by buckets between its least and greatest entries into ``work`` (as many entries) and sorted
-    out there: two passes over ``values`` and two small moves where NumPy partitions and sorts. None where an
-    entry is infinite or NaN, or ties leave more entries than the loop sorts (select them another way)."""
-    m = values.size
+def sample_bracket(
+    gradient: np.ndarray,
+    start: int,
+    stride: int,
+    center,
+    first: int,
+    last: int,
+    sample: np.ndarray,
+    work: np.ndarray,
+) -> np.ndarray | None:
+    """``sample[k] = |gradient[start + k stride] - center|`` for every entry of ``sample`` (as ``deviations``
+    computes it), then the sample's order statistics ``first`` and ``last``: narrowed by buckets between its
+    least and greatest entries into ``work`` (as many entries) and sorted out there, in the same call, where
+    torch and NumPy take a dozen (a strided slice, a subtraction, a partition, a sort). None where a sampled
+    deviation is infinite or NaN, or ties leave more entries than the loop sorts (select them another way:
+    the sample is written either way)."""
+    m = sample.size
     if not 0 <= first <= last < m or m < 2:
         raise ValueError(f"order statistics {first} and {last} of {m} entries")
+    if start < 0 or stride < 1 or start + (m - 1) * stride >= gradient.size:
+        raise ValueError(f"{m} entries from {start} by {stride} are not all in {gradient.size}")
     if work.size < m:
         raise ValueError(f"a buffer of {work.size} entries cannot hold {m}")
-    out = np.empty(2, dtype=values.dtype)
-    found = _loop("order_statistics", values.dtype)(
-        _address(values), m, first, last, np.finfo(values.dtype).max, _address(work), _address(out)
-    )
+    out = np.empty(2, dtype=gradient.dtype)
+    found = _loop("sample_bracket", gradient.dtype)(
+        _address(gradient), start, stride, m, center, first, last, np.finfo(gradient.dtype).max,
+        _address(sample), _address(work), _address(out),
+    )  # fmt: skip
     return out if found == 0 else None
 
 
