@@ -178,6 +178,20 @@ def test_deviations_and_the_band_are_numpys(m, dtype, threads):
     if values.size:
         with pytest.raises(ValueError, match="cannot hold"):
             kernel.deviations(values, center, low, high, d[: values.size - 1], band, threads)
+    # the same call that then narrows the band: the same deviations, count and band, narrowed as narrow_pair
+    # narrows a copy of it, where the band holds the two order statistics, and untouched where it does not
+    for rank in (-1, 0, in_band // 2, in_band - 2, in_band - 1):
+        d2, band2 = np.full_like(d, np.nan), np.full_like(band, np.nan)
+        got = kernel.deviations_pair(values, center, low, high, rank, d2, band2, threads)
+        assert got[:2] == (at_least_low, in_band) and d2.tobytes() == d.tobytes()
+        if 0 <= rank < in_band - 1:
+            copy = band[:in_band].copy()
+            left, below, pair = kernel.narrow_pair(copy, low, high, rank)
+            assert got[2][:2] == (left, below) and band2[:left].tobytes() == copy[:left].tobytes()
+            assert (got[2][2] is None) == (pair is None)
+            assert pair is None or got[2][2].tolist() == pair.tolist()
+        else:
+            assert got[2] is None and band2[:in_band].tobytes() == band[:in_band].tobytes()
 
 
 def _bands(dtype) -> dict[str, tuple[np.ndarray, float, float]]:

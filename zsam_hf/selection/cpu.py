@@ -406,11 +406,16 @@ def _kept_bracketed(
         return torch.empty(0, dtype=torch.long), flat[:0]
     indices, values = _candidates(gradient, float(center), float(low), work, sample >= low)
     d, band, mask = work.deviations(gradient.dtype, values.size)
+    # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
+    rank = lo - (n - d.size)
     # |g - mean| exactly as a full pass computes it; the entries under the bound, exactly; the band under
-    # the sample's upper bound (``_near_the_quantile``)
+    # the sample's upper bound (``_near_the_quantile``), narrowed in the same call to the two order statistics
+    narrowed = None
     if kernel.supports(values, d):
         threads = kernel.threads(values.size, kernel.PARALLEL_CANDIDATES)
-        at_least_low, in_band = kernel.deviations(values, float(center), low, high, d, band, threads)
+        at_least_low, in_band, narrowed = kernel.deviations_pair(
+            values, float(center), low, high, rank, d, band, threads
+        )
         below, band = n - at_least_low, band[:in_band]
     else:
         np.abs(np.subtract(values, center, out=d), out=d)
@@ -422,13 +427,10 @@ def _kept_bracketed(
         return _kept_exact(flat, mean, q)
     if below > lo:
         return _kept_exact(flat, mean, q)  # the bound missed the quantile: select exactly
-    # The few extra candidates (under the bound) sort first, so ranks count from n - candidates.
-    rank = lo - (n - d.size)
-    near = _near_the_quantile(d, rank, high, mask, band)
-    if near is band and kernel.supports(band):  # the compiled band: narrowed to the two in one call
-        threshold = _threshold(band, rank, frac, *kernel.narrow_pair(band, low, high, rank))
+    if narrowed is not None:  # the compiled band, narrowed to the two order statistics
+        threshold = _threshold(band, rank, frac, *narrowed)
     else:
-        threshold = _quantile_of_deviations(near, rank, frac, tied)
+        threshold = _quantile_of_deviations(_near_the_quantile(d, rank, high, mask, band), rank, frac, tied)
     return _candidates_above(indices, values, d, threshold, mask, out)
 
 

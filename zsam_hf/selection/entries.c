@@ -410,6 +410,25 @@ DEVIATIONS(double, f64, fabs)
 NARROW(float, uint32_t, f32, fabsf)
 NARROW(double, uint64_t, f64, fabs)
 
+#define DEVIATIONS_PAIR(T, SUFFIX)                                                                  \
+    /* deviations_##SUFFIX, then, where the band holds order statistics rank and rank + 1 (rank >= 0 and\
+       more than rank + 1 entries), narrow_pair_##SUFFIX over it between low and high: in one call what a\
+       large tensor's selection does between collecting its candidates and keeping them. Returns how many\
+       d[j] >= low, *in_band as deviations_##SUFFIX; *left, *below and pair as narrow_pair_##SUFFIX, or\
+       *left -1 where the band was not narrowed. */                                                 \
+    int64_t deviations_pair_##SUFFIX(const T *val, int64_t m, T center, T low, T high, int64_t rank, T *d,\
+                                     T *band, int64_t *in_band, int64_t *left, int64_t *below, T *pair,\
+                                     int parts) {                                                   \
+        int64_t at_least_low = deviations_##SUFFIX(val, m, center, low, high, d, band, in_band, parts);\
+        *left = -1;                                                                                 \
+        if (rank >= 0 && *in_band > rank + 1)                                                       \
+            *left = narrow_pair_##SUFFIX(band, *in_band, low, high, rank, below, pair);             \
+        return at_least_low;                                                                        \
+    }
+
+DEVIATIONS_PAIR(float, f32)
+DEVIATIONS_PAIR(double, f64)
+
 #define KEEP_ABOVE_SCALAR(T, SUFFIX)                                                                   \
     static int64_t keep_above_scalar_##SUFFIX(const int32_t *idx, const T *val, const T *d, int64_t m,  \
                                               T bound, int64_t *idx_out, T *val_out, int64_t capacity) { \

@@ -133,6 +133,24 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
             "count_above": (count, [pointer, count, scalar, pointer, threads]),
             "narrow": (count, [pointer, count, scalar, scalar, count, out]),
             "narrow_pair": (count, [pointer, count, scalar, scalar, count, out, pointer]),
+            "deviations_pair": (
+                count,
+                [
+                    pointer,
+                    count,
+                    scalar,
+                    scalar,
+                    scalar,
+                    count,
+                    pointer,
+                    pointer,
+                    out,
+                    out,
+                    out,
+                    pointer,
+                    threads,
+                ],
+            ),
             "sample_bracket": (
                 count,
                 [pointer, count, count, count, scalar, count, count, scalar, pointer, pointer, pointer],
@@ -324,6 +342,25 @@ def narrow(band: np.ndarray, low, high, rank: int) -> tuple[int, int]:
     below = ctypes.c_int64()
     moved = _loop("narrow", band.dtype)(_address(band), band.size, low, high, rank, ctypes.byref(below))
     return moved, below.value
+
+
+def deviations_pair(
+    values: np.ndarray, center, low, high, rank: int, d: np.ndarray, band: np.ndarray, threads: int = 1
+) -> tuple[int, int, tuple[int, int, np.ndarray | None] | None]:
+    """``deviations``, then ``narrow_pair`` over the band between ``low`` and ``high`` where the band holds
+    order statistics ``rank`` and ``rank + 1``, in one call. Returns (how many ``d >= low``, how many went
+    to ``band``, what ``narrow_pair`` returns, or None where the band was too short to narrow)."""
+    if min(d.size, band.size) < values.size:
+        raise ValueError(f"buffers of {min(d.size, band.size)} entries cannot hold {values.size} deviations")
+    in_band, left, below = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
+    pair = np.empty(2, dtype=values.dtype)
+    at_least_low = _loop("deviations_pair", values.dtype)(
+        _address(values), values.size, center, low, high, rank, _address(d), _address(band),
+        ctypes.byref(in_band), ctypes.byref(left), ctypes.byref(below), _address(pair), threads,
+    )  # fmt: skip
+    if left.value < 0:
+        return at_least_low, in_band.value, None
+    return at_least_low, in_band.value, (left.value, below.value, pair if left.value <= PAIR_SORT else None)
 
 
 # At most this many entries left after narrowing, the loops sort out the two order statistics themselves
