@@ -299,6 +299,35 @@ def test_mask_of_half_precision_gradients(dtype, n, q):
     _check_mask(torch.randn(n, 3, generator=torch.Generator().manual_seed(1)).to(dtype), q)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_kept_bound_keeps_what_torch_lerps_threshold_keeps(dtype):
+    """Between two adjacent order statistics a <= b (no deviation between them), the CPU filter's bound keeps
+    exactly the deviations that ``torch.lerp(a, b, frac)`` (``torch.quantile``'s threshold) keeps, a and b
+    included: pairs far apart, a few units in the last place apart, equal, subnormal and zero, with weights
+    0, tiny, a half, near 1; torch's own value is used where the rounding could decide."""
+    from zsam_hf.selection import cpu
+
+    rng = np.random.default_rng(17)
+    tiny = float(np.finfo(dtype).smallest_subnormal)
+    lowers = [0.0, tiny, 3 * tiny, 1e-30, 0.25, 1.0, 3.7e5, *rng.uniform(0, 4, size=40).tolist()]
+    fracs = [0.0, 1e-9, 1e-4, 0.03, 0.25, 0.4999, 0.5, 0.73, 0.9999, 1 - 1e-9, *rng.random(20).tolist()]
+    used_torch = 0
+    for lower in lowers:
+        a = dtype(lower)
+        uppers = {a, np.nextafter(a, dtype(np.inf))}
+        for ulps in (2, 5, 17, 40, 1000):
+            uppers.add(dtype(a + ulps * np.spacing(a if a > 0 else dtype(tiny))))
+        uppers.update({dtype(a * 1.5 + 1e-3), dtype(a + 1)})
+        for b in sorted(uppers):
+            pair = np.array([a, b], dtype=dtype)
+            for frac in fracs:
+                t = torch.lerp(torch.tensor(a), torch.tensor(b), frac).item()
+                bound = cpu._kept_bound(pair, frac)
+                assert (float(a) > bound, float(b) > bound) == (float(a) > t, float(b) > t), (a, b, frac, t)
+                used_torch += bound == t and bound != float(a)
+    assert used_torch > 0  # the near cases did take torch's value
+
+
 @pytest.mark.parametrize("n", [1, 2, 10, 1000, 70_000])
 @pytest.mark.parametrize("q", QUANTILES)
 def test_interpolated_quantile_matches_numpy(n, q):

@@ -13,15 +13,17 @@ For each large tensor:
    the kept entries are the candidates above the quantile.
 
 If the bound misses (lies above the quantile), an exact full selection takes over for that
-tensor: the answer never depends on the sample. Selections go through NumPy's ``partition``
-(both ranks at once, narrowed first by a sample: ``order_statistics.adjacent_in_array``), and the kept
-set's order statistics are selected in the band of candidates under the sample's upper bound (narrowed
-first to the few entries of the buckets that hold them, in one compiled call). The collecting pass, the
-candidates' deviations with the band, and the kept entries' copy (each split between torch's threads when
-large) are compiled loops (``kernel.py``, ``entries.c``) where a C compiler built
-them; else NumPy finds positions through ``np.flatnonzero`` on a padded mask (``_set_positions``; faster
-than ``torch.nonzero``, and than any word-by-word scheme at every density from 0.5% to 30%, on NumPy 2.0
-and 2.4).
+tensor: the answer never depends on the sample. Where a C compiler built the loops (``kernel.py``,
+``entries.c``), order statistics are found by buckets of their bit patterns, narrowed again until a
+handful are left to sort: the sample's bracket in the same call that draws the sample, and the kept set's
+two in the band of candidates under the sample's upper bound, in the call that writes their deviations.
+Only the threshold between those two goes through torch (``torch.lerp``, which ``torch.quantile``
+interpolates with). The collecting pass, the deviations and the kept entries' copy are split between
+torch's threads when large. Where ties leave the buckets too many entries, and without the loops,
+selections go through NumPy's ``partition`` (both ranks at once, narrowed first by a sample:
+``order_statistics.adjacent_in_array``), and NumPy finds positions through ``np.flatnonzero`` on a
+padded mask (``_set_positions``; faster than ``torch.nonzero``, and than any word-by-word scheme at every
+density from 0.5% to 30%, on NumPy 2.0 and 2.4).
 """
 
 from __future__ import annotations
@@ -123,16 +125,45 @@ def _outside_bounds(mean: float, low: float, dtype: np.dtype) -> tuple[np.floati
 
 
 def _quantile_of_deviations(d: np.ndarray, rank: int, frac: float, tied: bool | None = None) -> float:
-    """The interpolated quantile between order statistics ``rank`` and ``rank + 1`` of |g - mean|
-    (``tied``: see ``adjacent_in_array``)."""
-    return _interpolated(np.array(adjacent_in_array(d, rank, nonnegative=True, tied=tied)), frac)
+    """The kept entries' bound (``_kept_bound``) at the quantile between order statistics ``rank`` and
+    ``rank + 1`` of |g - mean| (``tied``: see ``adjacent_in_array``)."""
+    return _kept_bound(np.array(adjacent_in_array(d, rank, nonnegative=True, tied=tied)), frac)
 
 
-def _interpolated(pair: np.ndarray, frac: float) -> float:
-    """The quantile between its two order statistics ``pair``, interpolated as ``torch.quantile`` does (by
-    ``torch.lerp`` itself: its rounding, fused or not, is the reference's)."""
+# Rounding errors of any evaluation of torch.lerp's formula (two or three roundings in the tensor's type or a
+# wider one, fused or not, the weight rounded to the type first) stay within about 3 units in the last place
+# of the upper order statistic; the margin is twice that and more.
+_LERP_MARGIN_ULPS = 8
+
+
+def _kept_bound(pair: np.ndarray, frac: float) -> float:
+    """A bound whose kept set (the deviations above it) is the one above the quantile that ``torch.quantile``
+    interpolates between its two order statistics ``pair`` (a <= b, adjacent: no deviation lies between).
+
+    That quantile, t = ``torch.lerp(a, b, frac)``, keeps {d >= b} when a <= t < b, so a itself is then the
+    bound: where a == b or frac == 0 (t is a exactly), and where the exact a + frac (b - a) lies more than
+    ``_LERP_MARGIN_ULPS`` units in the last place of b inside (a, b), which no rounding of the formula
+    crosses. Otherwise (b a few units above a, frac near 0 or 1) t is ``torch.lerp``'s own value, rounded
+    as the reference rounds it. In the step this skips a torch call for most tensors (docs/performance.md).
+    """
+    lower, upper = float(pair[0]), float(pair[1])
+    if lower == upper or frac == 0:
+        return lower
+    step = upper - lower
+    margin = _LERP_MARGIN_ULPS * _ulp(upper, pair.dtype)
+    if frac * step > margin and (1 - frac) * step > margin:
+        return lower
     pair = torch.from_numpy(pair)
     return torch.lerp(pair[0], pair[1], frac).item()
+
+
+def _ulp(value: float, dtype: np.dtype) -> float:
+    """The unit in the last place of a non-negative finite ``value`` in ``dtype`` (float32 or float64), at
+    least the smallest subnormal's."""
+    if dtype == np.float64:
+        return math.ulp(value)
+    info = np.finfo(np.float32)
+    return max(math.ulp(value) * 2.0**29, float(info.smallest_subnormal))
 
 
 def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
@@ -145,15 +176,15 @@ def _kept_exact(flat: torch.Tensor, mean: torch.Tensor, q: float) -> Kept:
 
 
 def _kept_small(flat: torch.Tensor, mean: torch.Tensor, q: float, work: _Workspace) -> Kept:
-    """``_kept_exact`` of a small tensor (up to SMALL_TENSOR entries) in four compiled calls, where the
+    """``_kept_exact`` of a small tensor (up to SMALL_TENSOR entries) in three compiled calls, where the
     loops take it.
 
-    One loop writes every |g - mean| (as torch's subtract and abs compute it) twice, ``narrow`` moves the
-    few entries of the buckets that hold the quantile's two order statistics to the front of the copy, those
-    few are selected exactly, and the entries above the quantile are copied out in one more loop: four calls
-    where NumPy and torch take two dozen. In the step that saves little (about 0.1 ms on ResNet-18's eight
-    small tensors, docs/performance.md): each call there waits for its code and data to come back after the
-    pass over a large gradient before it.
+    One loop writes every |g - mean| (as torch's subtract and abs compute it) and counts them into buckets of
+    their bit patterns; a second moves the few in the buckets that hold the quantile's two order statistics
+    aside, where they are narrowed again until a handful are left to sort (``kernel.narrow_deviations``); the
+    entries above the threshold between the two are counted and copied out in two more loops. Where NumPy
+    and torch take two dozen calls, this saves little in the step (docs/performance.md): each call there
+    waits for its code and data to come back after the pass over a large gradient before it.
     """
     gradient = flat.numpy()
     n = gradient.size
@@ -437,10 +468,11 @@ def _kept_bracketed(
 def _threshold(
     band: np.ndarray, rank: int, frac: float, left: int, below: int, pair: np.ndarray | None
 ) -> float:
-    """The quantile from a compiled narrowing of ``band`` (``kernel.narrow_pair``): from its two order
-    statistics, or, where ties left more entries than the loop sorts, selected among those left."""
+    """The kept entries' bound (``_kept_bound``) from a compiled narrowing of ``band`` (``kernel.narrow_pair``):
+    from its two order statistics, or, where ties left more entries than the loop sorts, selected among those
+    left."""
     if pair is not None:
-        return _interpolated(pair, frac)
+        return _kept_bound(pair, frac)
     return _quantile_of_deviations(band[:left], rank - below, frac)
 
 
