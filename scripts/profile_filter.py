@@ -45,7 +45,7 @@ PARTS = (
     (cpu, "_bracket", "the bracket through NumPy (without the loops, or where ties leave them too many)"),
     (cpu, "_candidates", "the collecting pass"),
     (kernel, "deviations_pair", "the candidates' deviations and band, narrowed to the two order statistics"),
-    (cpu, "_threshold", "the quantile from them (torch.lerp; NumPy's selection where ties are left)"),
+    (cpu, "_threshold", "the kept entries' bound from them (NumPy's selection where ties are left)"),
     (cpu, "_quantile_of_deviations", "NumPy's selection of the order statistics (ties; without the loops)"),
     (cpu, "_candidates_above", "the kept entries counted and copied out"),
     (kernel, "narrow_deviations", "small tensors' deviations, narrowed to the two order statistics"),
