@@ -150,7 +150,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
                     pointer,
                     threads,
                 ],
-            ),  # fmt: skip
+            ),
             "sample_bracket": (
                 count,
                 [pointer, count, count, count, scalar, count, count, scalar, pointer, pointer, pointer],
