@@ -254,6 +254,20 @@ DEVIATIONS(double, f64, fabs)
         U step = key > base ? (key - base) >> shift : 0;                                             \
         return step < NARROW_BUCKETS - 1 ? (int64_t)step : NARROW_BUCKETS - 1;                      \
     }                                                                                                \
+    /* The least and greatest keys of values[0..m) (m >= 1), and a key's value. */                  \
+    static inline void key_range_##SUFFIX(const T *values, int64_t m, U *least, U *most) {          \
+        *least = *most = key_##SUFFIX(values[0]);                                                   \
+        for (int64_t j = 1; j < m; j++) {                                                           \
+            U key = key_##SUFFIX(values[j]);                                                        \
+            *least = key < *least ? key : *least;                                                   \
+            *most = key > *most ? key : *most;                                                      \
+        }                                                                                           \
+    }                                                                                               \
+    static inline T value_##SUFFIX(U key) {                                                         \
+        T value;                                                                                    \
+        memcpy(&value, &key, sizeof value);                                                         \
+        return value;                                                                               \
+    }                                                                                               \
     /* From the buckets' counts, the keys [*klo, *khi) of the buckets that hold order statistics rank   \
        and rank + 1; returns how many entries lie in the buckets before them. */                      \
     static inline int64_t bucket_range_##SUFFIX(const int64_t *counts, U base, int shift, int64_t rank, \
@@ -296,17 +310,11 @@ DEVIATIONS(double, f64, fabs)
     static int64_t refine_##SUFFIX(T *band, int64_t m, int64_t rank, int64_t *below, T *pair) {     \
         *below = 0;                                                                                 \
         while (m > PAIR_SORT) {                                                                     \
-            U least = key_##SUFFIX(band[0]), most = least;                                          \
-            for (int64_t j = 1; j < m; j++) {                                                       \
-                U key = key_##SUFFIX(band[j]);                                                      \
-                least = key < least ? key : least;                                                  \
-                most = key > most ? key : most;                                                     \
-            }                                                                                       \
+            U least, most;                                                                          \
+            key_range_##SUFFIX(band, m, &least, &most);                                             \
             if (least == most) return m; /* all tied: no bucket can split them */                   \
-            T low, high;                                                                            \
-            memcpy(&low, &least, sizeof low);                                                       \
-            memcpy(&high, &most, sizeof high);                                                      \
-            int64_t under, moved = narrow_##SUFFIX(band, m, low, high, rank - *below, &under);      \
+            int64_t under, moved = narrow_##SUFFIX(band, m, value_##SUFFIX(least), value_##SUFFIX(most),\
+                                                   rank - *below, &under);                          \
             if (moved == m) return m; /* no bucket split them */                                    \
             m = moved;                                                                              \
             *below += under;                                                                        \
@@ -339,25 +347,17 @@ DEVIATIONS(double, f64, fabs)
        that hold it (and its neighbour) moved into work and refined. values is left as it was. Returns\
        0; -1 if an entry is infinite or NaN, or ties the buckets cannot split leave more than PAIR_SORT\
        entries (the caller then selects). */                                                        \
-    static int64_t order_statistics_##SUFFIX(const T *values, int64_t m, int64_t first, int64_t last,      \
-                                      T largest, T *work, T *out) {                                 \
-        U least = key_##SUFFIX(values[0]), most = least;                                            \
-        for (int64_t j = 1; j < m; j++) {                                                           \
-            U key = key_##SUFFIX(values[j]);                                                        \
-            least = key < least ? key : least;                                                      \
-            most = key > most ? key : most;                                                         \
-        }                                                                                           \
+    static int64_t order_statistics_##SUFFIX(const T *values, int64_t m, int64_t first, int64_t last,\
+                                             T largest, T *work, T *out) {                          \
+        U least, most, base, klo, khi;                                                              \
+        key_range_##SUFFIX(values, m, &least, &most);                                               \
         if (most > key_##SUFFIX(largest)) return -1;                                                \
         if (least == most) {                                                                        \
             out[0] = out[1] = values[0];                                                            \
             return 0;                                                                               \
         }                                                                                           \
-        T low, high;                                                                                \
-        memcpy(&low, &least, sizeof low);                                                           \
-        memcpy(&high, &most, sizeof high);                                                          \
-        U base, klo, khi;                                                                           \
         int shift;                                                                                  \
-        buckets_##SUFFIX(low, high, &base, &shift);                                                 \
+        buckets_##SUFFIX(value_##SUFFIX(least), value_##SUFFIX(most), &base, &shift);               \
         int64_t counts[NARROW_BUCKETS] = {0};                                                       \
         for (int64_t j = 0; j < m; j++) counts[bucket_##SUFFIX(values[j], base, shift)]++;          \
         int64_t ranks[2] = {first, last};                                                           \
