@@ -161,7 +161,7 @@ def _per_part(mask: np.ndarray, parts: int) -> list[int]:
 @pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 33, 5000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_deviations_and_the_band_are_numpys(m, dtype, threads):
-    """|values - center| bit for bit as NumPy's subtract and abs (-0.0 becomes +0.0, subnormals stay), the
+    """``deviations_pair``: |values - center| bit for bit as NumPy's subtract and abs (-0.0 becomes +0.0, subnormals stay), the
     count at or above ``low`` and the band under ``high`` in order, against NumPy doing each; split between
     threads, the parts' bands follow one another in order."""
     values = _awkward(m, dtype, seed=m)
@@ -171,15 +171,16 @@ def test_deviations_and_the_band_are_numpys(m, dtype, threads):
     center, low, high = dtype(0.25), dtype(0.5), dtype(1.5)
     want = np.abs(np.subtract(values, center))
     d, band = np.full(values.size + 3, np.nan, dtype=dtype), np.full(values.size + 3, np.nan, dtype=dtype)
-    at_least_low, in_band = kernel.deviations(values, center, low, high, d, band, threads)
+    at_least_low, in_band, narrowed = kernel.deviations_pair(values, center, low, high, -1, d, band, threads)
+    assert narrowed is None  # no rank: the band is left as written
     assert d[: values.size].tobytes() == want.tobytes()
     assert at_least_low == np.count_nonzero(want >= low)
     assert band[:in_band].tobytes() == want[want < high].tobytes()
     if values.size:
         with pytest.raises(ValueError, match="cannot hold"):
-            kernel.deviations(values, center, low, high, d[: values.size - 1], band, threads)
-    # the same call that then narrows the band: the same deviations, count and band, narrowed as narrow_pair
-    # narrows a copy of it, where the band holds the two order statistics, and untouched where it does not
+            kernel.deviations_pair(values, center, low, high, -1, d[: values.size - 1], band, threads)
+    # with a rank: the same deviations, count and band, narrowed as narrow_pair narrows a copy of it, where
+    # the band holds the two order statistics, and untouched where it does not
     for rank in (-1, 0, in_band // 2, in_band - 2, in_band - 1):
         d2, band2 = np.full_like(d, np.nan), np.full_like(band, np.nan)
         got = kernel.deviations_pair(values, center, low, high, rank, d2, band2, threads)
@@ -217,33 +218,13 @@ def _bands(dtype) -> dict[str, tuple[np.ndarray, float, float]]:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_narrow_keeps_the_two_order_statistics_among_the_entries_it_moves(dtype):
-    """For ranks at both ends and in the middle, the moved entries hold order statistics ``rank`` and
-    ``rank + 1`` of the band at ``rank - below`` and ``rank + 1 - below``. They are exactly the band's entries
-    between the least and the greatest moved, in the band's order, and ``below`` entries lie under them;
-    within the bounds, a spread band narrows to a few dozen entries."""
-    for name, (band, low, high) in _bands(dtype).items():
-        ordered = np.sort(band)
-        m = band.size
-        for rank in sorted({0, 1, m // 3, m // 2, m - 3, m - 2}):
-            work = band.copy()
-            moved, below = kernel.narrow(work, low, high, rank)
-            near = work[:moved]
-            pair = np.sort(near)[[rank - below, rank + 1 - below]]
-            assert pair.tolist() == ordered[[rank, rank + 1]].tolist(), (name, rank)
-            inside = (band >= near.min()) & (band <= near.max())
-            assert near.tobytes() == band[inside].tobytes(), (name, rank)
-            assert below == np.count_nonzero(band < near.min()), (name, rank)
-            if name == "spread" and 60 <= rank < m - 60:
-                assert moved <= 100, (rank, moved)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_narrow_pair_gives_the_two_order_statistics_or_the_few_entries_that_hold_them(dtype):
     """Narrowed until few entries are left, the loop sorts out order statistics ``rank`` and ``rank + 1``
     itself: NumPy's sort's. Where ties the buckets cannot split leave more than ``PAIR_SORT`` (two values,
     many copies of each, straddling the ranks; one value everywhere), it returns those entries instead, and
-    they hold the two at ``rank - below`` and ``rank + 1 - below``."""
+    they hold the two at ``rank - below`` and ``rank + 1 - below``. Either way the entries left are exactly
+    the band's between the least and the greatest left (in the band's order where they were not sorted),
+    ``below`` entries lie under them, and a spread band narrows all the way to the two."""
     bands = _bands(dtype)
     bands["two tied values"] = (np.repeat(np.array([1.0, 1000.0], dtype=dtype), 50), 1.0, 1000.0)
     bands["one value"] = (np.full(100, 3.0, dtype=dtype), 0.0, 4.0)
@@ -254,6 +235,12 @@ def test_narrow_pair_gives_the_two_order_statistics_or_the_few_entries_that_hold
             work = band.copy()
             left, below, pair = kernel.narrow_pair(work, low, high, rank)
             expected = ordered[[rank, rank + 1]].tolist()
+            near = work[:left]
+            inside = band[(band >= near.min()) & (band <= near.max())]
+            assert (np.sort(near) if pair is not None else near).tobytes() == (
+                np.sort(inside) if pair is not None else inside
+            ).tobytes(), (name, rank)
+            assert below == np.count_nonzero(band < near.min()), (name, rank)
             if pair is not None:
                 assert left <= kernel.PAIR_SORT and pair.dtype == band.dtype, (name, rank)
                 assert pair.tolist() == expected, (name, rank)
@@ -391,8 +378,6 @@ def test_narrow_deviations_is_the_deviations_then_narrow_pair_over_all_of_them(d
 def test_narrow_refuses_ranks_outside_the_band():
     band = np.ones(10, dtype=np.float32)
     for rank in (-1, 9, 10):
-        with pytest.raises(ValueError, match="order statistics"):
-            kernel.narrow(band, 0.0, 2.0, rank)
         with pytest.raises(ValueError, match="order statistics"):
             kernel.narrow_pair(band, 0.0, 2.0, rank)
 

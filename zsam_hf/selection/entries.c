@@ -182,7 +182,7 @@ COLLECT_PARTS(double, f64)
     /* d[j] = |val[j] - center|, as NumPy's subtract and abs compute it in T; returns how many d[j] >=  \
        low, and writes the d[j] < high, in order, to band (their count to *in_band). Each part writes   \
        its band entries from its own start, and the parts are then moved to follow one another. */      \
-    int64_t deviations_##SUFFIX(const T *val, int64_t m, T center, T low, T high, T *d, T *band,       \
+    static int64_t deviations_##SUFFIX(const T *val, int64_t m, T center, T low, T high, T *d, T *band,\
                                 int64_t *in_band, int parts) {                                         \
         int64_t at_least_low = 0, in_part[parts];                                                      \
         EACH_PART_ON_ITS_THREAD(parts, at_least_low)                                                   \
@@ -294,7 +294,7 @@ DEVIATIONS(double, f64, fabs)
         }                                                                                            \
         return c;                                                                                    \
     }                                                                                                \
-    int64_t narrow_##SUFFIX(T *band, int64_t m, T low, T high, int64_t rank, int64_t *below) {      \
+    static int64_t narrow_##SUFFIX(T *band, int64_t m, T low, T high, int64_t rank, int64_t *below) {\
         U base, klo, khi;                                                                            \
         int shift;                                                                                   \
         buckets_##SUFFIX(low, high, &base, &shift);                                                  \

@@ -129,9 +129,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
                 count,
                 [pointer, count, scalar, scalar, pointer, pointer, pointer, threads, out],
             ),
-            "deviations": (count, [pointer, count, scalar, scalar, scalar, pointer, pointer, out, threads]),
             "count_above": (count, [pointer, count, scalar, pointer, threads]),
-            "narrow": (count, [pointer, count, scalar, scalar, count, out]),
             "narrow_pair": (count, [pointer, count, scalar, scalar, count, out, pointer]),
             "deviations_pair": (
                 count,
@@ -315,41 +313,26 @@ def part_starts(size: int, parts: int) -> list[int]:
     return [size * t // parts for t in range(parts + 1)]
 
 
-def deviations(
-    values: np.ndarray, center, low, high, d: np.ndarray, band: np.ndarray, threads: int = 1
-) -> tuple[int, int]:
-    """``d = |values - center|`` (as NumPy computes it), and the ``d < high`` in order into ``band``, in one
-    loop (split between ``threads``); returns (how many ``d >= low``, how many went to ``band``). ``d`` and
-    ``band`` hold ``values``."""
-    if min(d.size, band.size) < values.size:
-        raise ValueError(f"buffers of {min(d.size, band.size)} entries cannot hold {values.size} deviations")
-    in_band = ctypes.c_int64()
-    function = _loop("deviations", values.dtype)
-    at_least_low = function(
-        _address(values), values.size, center, low, high, _address(d), _address(band),
-        ctypes.byref(in_band), threads,
-    )  # fmt: skip
-    return at_least_low, in_band.value
+# At most this many entries left after narrowing, the loops sort out the two order statistics themselves
+# (PAIR_SORT in entries.c).
+PAIR_SORT = 32
 
 
-def narrow(band: np.ndarray, low, high, rank: int) -> tuple[int, int]:
-    """Order statistics ``rank`` and ``rank + 1`` of ``band`` (non-negative), narrowed in place to the few
-    entries near them: those of the buckets of [``low``, ``high``] that hold the two are moved, in order, to
-    the front of ``band``. Returns (how many moved, how many entries of ``band`` lie below them): the two
-    are then the moved entries' order statistics ``rank - below`` and ``rank + 1 - below``."""
-    if not 0 <= rank < band.size - 1:
-        raise ValueError(f"order statistics {rank} and {rank + 1} of {band.size} entries")
-    below = ctypes.c_int64()
-    moved = _loop("narrow", band.dtype)(_address(band), band.size, low, high, rank, ctypes.byref(below))
-    return moved, below.value
+def _narrowed(left: int, below: ctypes.c_int64, pair: np.ndarray) -> tuple[int, int, np.ndarray | None]:
+    """A narrowing loop's result: how many entries it left, how many lie below them, and the two order
+    statistics where it sorted them out (at most ``PAIR_SORT`` left), else None."""
+    return left, below.value, pair if left <= PAIR_SORT else None
 
 
 def deviations_pair(
     values: np.ndarray, center, low, high, rank: int, d: np.ndarray, band: np.ndarray, threads: int = 1
 ) -> tuple[int, int, tuple[int, int, np.ndarray | None] | None]:
-    """``deviations``, then ``narrow_pair`` over the band between ``low`` and ``high`` where the band holds
-    order statistics ``rank`` and ``rank + 1``, in one call. Returns (how many ``d >= low``, how many went
-    to ``band``, what ``narrow_pair`` returns, or None where the band was too short to narrow)."""
+    """``d = |values - center|`` (as NumPy's subtract and abs compute it; split between ``threads``), the
+    ``d < high`` in order into ``band``, then ``narrow_pair`` over the band between ``low`` and ``high`` where
+    it holds order statistics ``rank`` and ``rank + 1``, in one call: what a large tensor's selection does
+    between collecting its candidates and keeping them. Returns (how many ``d >= low``, how many went to
+    ``band``, what ``narrow_pair`` returns, or None where the band was too short to narrow, rank < 0
+    included)."""
     if min(d.size, band.size) < values.size:
         raise ValueError(f"buffers of {min(d.size, band.size)} entries cannot hold {values.size} deviations")
     in_band, left, below = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
@@ -358,30 +341,24 @@ def deviations_pair(
         _address(values), values.size, center, low, high, rank, _address(d), _address(band),
         ctypes.byref(in_band), ctypes.byref(left), ctypes.byref(below), _address(pair), threads,
     )  # fmt: skip
-    if left.value < 0:
-        return at_least_low, in_band.value, None
-    return at_least_low, in_band.value, (left.value, below.value, pair if left.value <= PAIR_SORT else None)
-
-
-# At most this many entries left after narrowing, the loops sort out the two order statistics themselves
-# (PAIR_SORT in entries.c).
-PAIR_SORT = 32
+    return at_least_low, in_band.value, None if left.value < 0 else _narrowed(left.value, below, pair)
 
 
 def narrow_pair(band: np.ndarray, low, high, rank: int) -> tuple[int, int, np.ndarray | None]:
-    """``narrow``, then narrowed again between the moved entries' least and greatest until at most
-    ``PAIR_SORT`` are left, which are sorted: order statistics ``rank`` and ``rank + 1`` of ``band``
-    (non-negative and finite) without a selection in NumPy. Returns (how many entries are left at the front
-    of ``band``, how many lie below them, the two order statistics) or, where ties the buckets cannot split
+    """Order statistics ``rank`` and ``rank + 1`` of ``band`` (non-negative and finite) without a selection
+    in NumPy: the entries of the buckets of [``low``, ``high``] that hold the two (buckets of their bit
+    patterns) are moved, in order, to the front of ``band``, and narrowed again between their least and
+    greatest until at most ``PAIR_SORT`` are left, which are sorted. Returns (how many entries are left at
+    the front, how many lie below them, the two order statistics) or, where ties the buckets cannot split
     leave more, the third None: the two are then the left entries' order statistics ``rank - below`` and
-    ``rank + 1 - below``, as after ``narrow``."""
+    ``rank + 1 - below``, and the left entries are the band's between their least and greatest, in order."""
     if not 0 <= rank < band.size - 1:
         raise ValueError(f"order statistics {rank} and {rank + 1} of {band.size} entries")
     below, pair = ctypes.c_int64(), np.empty(2, dtype=band.dtype)
     left = _loop("narrow_pair", band.dtype)(
         _address(band), band.size, low, high, rank, ctypes.byref(below), _address(pair)
     )
-    return left, below.value, pair if left <= PAIR_SORT else None
+    return _narrowed(left, below, pair)
 
 
 def sample_bracket(
@@ -394,8 +371,8 @@ def sample_bracket(
     sample: np.ndarray,
     work: np.ndarray,
 ) -> np.ndarray | None:
-    """``sample[k] = |gradient[start + k stride] - center|`` for every entry of ``sample`` (as ``deviations``
-    computes it), then the sample's order statistics ``first`` and ``last``: narrowed by buckets between its
+    """``sample[k] = |gradient[start + k stride] - center|`` for every entry of ``sample`` (as NumPy's
+    subtract and abs compute it), then the sample's order statistics ``first`` and ``last``: narrowed by buckets between its
     least and greatest entries into ``work`` (as many entries) and sorted out there, in the same call, where
     torch and NumPy take a dozen (a strided slice, a subtraction, a partition, a sort). None where a sampled
     deviation is infinite or NaN, or ties leave more entries than the loop sorts (select them another way:
@@ -418,7 +395,7 @@ def sample_bracket(
 def narrow_deviations(
     gradient: np.ndarray, center, rank: int, d: np.ndarray, band: np.ndarray
 ) -> tuple[int, int, np.ndarray | None] | None:
-    """``d = |gradient - center|`` (as ``deviations`` computes it), then ``narrow_pair``'s result for a band
+    """``d = |gradient - center|`` (as ``deviations_pair`` computes it), then ``narrow_pair``'s result for a band
     that is all of ``d``, on one thread, with no pass to write that band and read it back: the deviations
     are counted into buckets as they are written, and those near order statistics ``rank`` and ``rank + 1``
     moved into ``band`` (``d`` is left intact). Returns what ``narrow_pair`` returns, or None if a deviation
@@ -433,9 +410,7 @@ def narrow_deviations(
         _address(gradient), n, center, np.finfo(gradient.dtype).max, rank, _address(d), _address(band),
         ctypes.byref(below), _address(pair),
     )  # fmt: skip
-    if left < 0:
-        return None
-    return left, below.value, pair if left <= PAIR_SORT else None
+    return None if left < 0 else _narrowed(left, below, pair)
 
 
 def count_above(d: np.ndarray, bound, parts: int = 1) -> np.ndarray:
