@@ -358,26 +358,36 @@ class AppliedPerturbation:
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
-def _plain_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
+def _plain_cpu(
+    p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor, index_dtypes=(torch.long,)
+) -> bool:
     """Whether ``p``'s entries at ``indices`` can be read or written in place through its flat view,
     by NumPy or torch's threads: a plain contiguous CPU tensor of a dtype NumPy has (not bf16),
-    contiguous int64 indices, contiguous companions of ``p``'s dtype."""
+    contiguous indices of one of ``index_dtypes``, contiguous companions of ``p``'s dtype."""
     return (
         p.device.type == "cpu"
         and p.dtype in _NUMPY_DTYPES
         and type(p.data) is torch.Tensor
         and p.is_contiguous()
         and indices.device.type == "cpu"
-        and indices.dtype == torch.long
+        and indices.dtype in index_dtypes
         and indices.is_contiguous()
         and all(t.dtype == p.dtype and t.device.type == "cpu" and t.is_contiguous() for t in others)
     )
 
 
+def _as_long(indices: torch.Tensor) -> torch.Tensor:
+    """``indices`` as the int64 tensor torch's indexing ops take: the CPU selection keeps large tensors'
+    flat indices in 32 bits (``selection/cpu.py``), which only the compiled loops read as they are."""
+    return indices if indices.dtype == torch.long else indices.long()
+
+
 def gather_entries(p: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``p.flatten()[indices]`` (into ``out`` when given); ``indices`` are valid flat indices."""
+    """``p.flatten()[indices]`` (into ``out`` when given); ``indices`` are valid flat indices (int64, or
+    int32)."""
     if out is None:
         out = torch.empty(indices.numel(), dtype=p.dtype, device=p.device)
+    indices = _as_long(indices)
     if not _plain_cpu(p, indices, out):
         return torch.take(p.detach(), indices, out=out)
     flat = p.detach().view(-1)
@@ -389,8 +399,12 @@ def gather_entries(p: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | N
 
 
 def _compiled_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether the compiled loops (``selection/kernel.py``) can write ``p``'s entries at ``indices``."""
-    return _plain_cpu(p, indices, *others) and kernel.supports_dtype(p.dtype)
+    """Whether the compiled loops (``selection/kernel.py``) can write ``p``'s entries at ``indices`` (int64
+    or int32)."""
+    return _plain_cpu(p, indices, *others, index_dtypes=_LOOP_INDICES) and kernel.supports_dtype(p.dtype)
+
+
+_LOOP_INDICES = (torch.long, torch.int32)
 
 
 def climb_entries(
@@ -406,6 +420,7 @@ def climb_entries(
         return offsets
     if out is None:
         out = torch.empty(indices.numel(), dtype=p.dtype, device=p.device)
+    indices = _as_long(indices)
     original = gather_entries(p, indices, out)
     if offsets.dtype == p.dtype:
         moved = offsets.add_(original)  # in place: no temporary of the kept size
@@ -419,11 +434,13 @@ def scatter_entries(p: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     """``p.flatten()[indices] = values`` in place (distinct indices), bumping ``p``'s autograd
     version as torch's own in-place ops do. On a CPU: the compiled loop (split between torch's threads
     where it can be), else torch's ``index_copy_`` at more than one thread, else NumPy."""
-    if not _plain_cpu(p, indices, values):
-        p.view(-1).index_put_((indices,), values)  # honours torch.use_deterministic_algorithms, unlike put_
-    elif _compiled_cpu(p, indices, values) and not _split_by_torch_only(indices.numel()):
+    if _compiled_cpu(p, indices, values) and not _split_by_torch_only(indices.numel()):
         kernel.put(p, indices, values, kernel.threads(indices.numel()))
         increment_version(p)
+        return
+    indices = _as_long(indices)
+    if not _plain_cpu(p, indices, values):
+        p.view(-1).index_put_((indices,), values)  # honours torch.use_deterministic_algorithms, unlike put_
     elif torch.get_num_threads() > 1:
         p.view(-1).index_copy_(0, indices, values)  # deterministic: the indices are distinct
     else:
@@ -515,7 +532,7 @@ def apply_offsets(
             continue
         if isinstance(offset, SparseOffset):  # a non-contiguous parameter: densify
             dense = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-            offset = dense.index_copy_(0, offset.indices, offset.values.to(p.dtype)).view(p.shape)
+            offset = dense.index_copy_(0, _as_long(offset.indices), offset.values.to(p.dtype)).view(p.shape)
             backup = torch.empty_like(p)  # a buffer for the kept entries cannot hold all of p
         else:
             backup = backups[i] if backups is not None else None

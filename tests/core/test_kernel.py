@@ -114,8 +114,8 @@ def test_collect_in_parts_refuses_buffers_smaller_than_the_room_given():
 
 
 def test_the_loops_refuse_indices_of_another_width():
-    """The collecting loops write 32-bit indices, and the kept entries' copy reads them and writes 64-bit
-    ones: a buffer of another width is refused, not misread."""
+    """The collecting loops write 32-bit indices, and the kept entries' copy reads them and writes 32- or
+    64-bit ones: a buffer of another width is refused, not misread."""
     g = np.zeros(100, dtype=np.float32)
     values = np.empty(100, dtype=np.float32)
     with pytest.raises(ValueError, match="int32 indices"):
@@ -123,10 +123,11 @@ def test_the_loops_refuse_indices_of_another_width():
     with pytest.raises(ValueError, match="int32 indices"):
         kernel.collect_parts(g, -1.0, 1.0, np.empty(100, np.int64), values, [50, 50])
     d, out = np.ones(100, dtype=np.float32), np.empty(100, dtype=np.float32)
-    with pytest.raises(ValueError, match="reads int32 indices and writes int64"):
+    with pytest.raises(ValueError, match="reads int32 indices and writes int32 or int64"):
         kernel.keep_above(np.arange(100, dtype=np.int64), values, d, 0.5, np.empty(100, np.int64), out)
-    with pytest.raises(ValueError, match="reads int32 indices and writes int64"):
-        kernel.keep_above(np.arange(100, dtype=np.int32), values, d, 0.5, np.empty(100, np.int32), out)
+    for width in (np.int16, np.uint32):
+        with pytest.raises(ValueError, match="reads int32 indices and writes int32 or int64"):
+            kernel.keep_above(np.arange(100, dtype=np.int32), values, d, 0.5, np.empty(100, width), out)
 
 
 def test_a_gradient_beyond_32_bit_indices_takes_numpys_path(monkeypatch):
@@ -382,14 +383,15 @@ def test_narrow_refuses_ranks_outside_the_band():
             kernel.narrow_pair(band, 0.0, 2.0, rank)
 
 
+@pytest.mark.parametrize("width", [np.int64, np.int32])
 @pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 40, 5000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_keep_above_is_numpys_compress(collecting_loop, m, dtype, parts):
+def test_keep_above_is_numpys_compress(collecting_loop, m, dtype, parts, width):
     """The entries whose deviation is above the bound (not at it), in order; outputs with exactly the room
     needed (the vector loop must not store past it), and too little room refused after writing none past.
     Split into parts (one thread each), each part's count is NumPy's and the parts' outputs follow one
-    another in order."""
+    another in order. The indices come out widened to int64 or as they are (``width``)."""
     rng = np.random.default_rng(m)
     d = rng.integers(0, 8, size=m).astype(dtype)  # many entries equal to the bound
     indices = np.sort(rng.choice(10 * m + 1, size=m, replace=False)).astype(np.int32)
@@ -399,14 +401,14 @@ def test_keep_above_is_numpys_compress(collecting_loop, m, dtype, parts):
     counts = kernel.count_above(d, bound, parts)
     assert counts.tolist() == _per_part(keep, parts)
     count = int(np.count_nonzero(keep))
-    out_i, out_v = np.full(count + 16, -1, dtype=np.int64), np.full(count + 16, -1, dtype=dtype)
+    out_i, out_v = np.full(count + 16, -1, dtype=width), np.full(count + 16, -1, dtype=dtype)
     split = counts if parts > 1 else None
     assert kernel.keep_above(indices, values, d, bound, out_i[:count], out_v[:count], split) == count
     np.testing.assert_array_equal(out_i[:count], indices[keep])
     np.testing.assert_array_equal(out_v[:count], values[keep])
     assert (out_i[count:] == -1).all() and (out_v[count:] == -1).all()  # nothing past the room
     if count:
-        short_i, short_v = np.full(count + 16, -1, dtype=np.int64), np.full(count + 16, -1, dtype=dtype)
+        short_i, short_v = np.full(count + 16, -1, dtype=width), np.full(count + 16, -1, dtype=dtype)
         with pytest.raises(ValueError, match="cannot hold"):
             kernel.keep_above(indices, values, d, bound, short_i[: count - 1], short_v[: count - 1], split)
         assert (short_i[count - 1 :] == -1).all() and (short_v[count - 1 :] == -1).all()
@@ -431,17 +433,20 @@ def test_keep_above_in_parts_refuses_counts_that_are_not_the_deviations():
     assert out_i[-1] == -1  # the entry the first part had no room for was not written anywhere
 
 
+@pytest.mark.parametrize("width", [np.int64, np.int32])
 @pytest.mark.parametrize("tensors", [False, True])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_climb_and_put_do_what_numpy_indexing_does(dtype, threads, tensors):
+def test_climb_and_put_do_what_numpy_indexing_does(dtype, threads, tensors, width):
     """On NumPy arrays, and on torch tensors (the engine passes a parameter's own, a slice of a larger
-    storage here: the loops must start at its first entry, not its storage's)."""
+    storage here: the loops must start at its first entry, not its storage's); with int64 indices (torch's)
+    and int32 ones (the CPU selection's)."""
     rng = np.random.default_rng(1)
     storage = rng.standard_normal(5003).astype(dtype)
     w = storage[3:]
     w[7] = -0.0
-    indices = np.sort(rng.choice(5000, size=300, replace=False)).astype(np.int64)
+    indices = np.sort(rng.choice(5000, size=300, replace=False)).astype(width)
+    indices[-1] = 4999  # the last entry: an index read at the wrong width would land elsewhere
     indices[0] = 7
     offsets = rng.standard_normal(300).astype(dtype)
     expected = w.copy()
@@ -668,6 +673,33 @@ def test_the_engine_climbs_and_restores_the_same_bits_on_torchs_threads_and_on_o
     kernel.use_threads(False)
     for a, b in zip(parallel, climbed()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_engine_keeps_a_large_tensors_indices_in_32_bits_and_restores_every_bit(dtype):
+    """A large weight's kept entries go from the selection to the climb and the restore as the int32
+    indices the loops collected (half the bytes of int64, read in every pass over the kept entries):
+    exactly the reference's entries, the parameter at w + e there (and nowhere else), then w bit for bit.
+    float32 and float64 weights take the compiled climb; bf16 and fp16 ones torch's ops, on the same
+    int32 indices widened."""
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(400, 300, generator=gen).to(dtype)  # over SMALL_TENSOR: the sampled selection
+    grad = torch.randn(400, 300, generator=gen).to(dtype)
+    param = weight.clone()
+    applied, _ = SharpnessPerturbation(rho=2.0).perturb(["w"], [param], [grad.clone()])  # e above bf16 ulps
+    (saved,) = applied.saved
+    assert saved.indices.dtype == torch.int32
+    expected = np.flatnonzero(reference_mask(grad, 0.95))
+    np.testing.assert_array_equal(saved.indices.numpy(), expected)
+    moved = np.flatnonzero((param != weight).reshape(-1).numpy())
+    assert set(moved) <= set(expected) and moved.size > 0.9 * expected.size  # bf16: some e round away
+    applied.restore()
+    assert torch.equal(param.view(-1).view(_bits(dtype)), weight.view(-1).view(_bits(dtype)))
+
+
+def _bits(dtype: torch.dtype) -> torch.dtype:
+    """An integer dtype of ``dtype``'s width, to compare floats bit for bit (-0.0 and NaN included)."""
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
 
 
 def test_the_engine_climbs_and_restores_the_same_bits_with_and_without_the_loops(monkeypatch):

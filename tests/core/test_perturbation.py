@@ -682,15 +682,17 @@ def test_the_band_is_used_only_when_it_holds_both_order_statistics():
     assert whole is d
 
 
+@pytest.mark.parametrize("index_dtype", [torch.long, torch.int32])
 @pytest.mark.parametrize("loops", ["compiled", "NumPy and torch"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_scattered_reads_and_writes_match_torch_and_bump_the_autograd_version(
-    dtype, threads, loops, monkeypatch
+    dtype, threads, loops, index_dtype, monkeypatch
 ):
     """``gather_entries``/``scatter_entries``/``climb_entries`` (the compiled loops for float32 and float64;
     else NumPy at one thread, torch's gather and index_copy_ at more) equal ``take``/``index_put_``, and a
-    write bumps the parameter's version as an in-place torch op does (autograd's stale-tensor check)."""
+    write bumps the parameter's version as an in-place torch op does (autograd's stale-tensor check). With
+    int64 indices and with the int32 ones the CPU selection keeps, which every path takes."""
     from zsam_hf.perturbation import climb_entries, gather_entries, scatter_entries
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # which path, not how many threads run
@@ -698,19 +700,21 @@ def test_scattered_reads_and_writes_match_torch_and_bump_the_autograd_version(
         monkeypatch.setenv("ZSAM_HF_KERNEL", "0")
     gen = torch.Generator().manual_seed(3)
     p = torch.nn.Parameter(torch.randn(64, 33, generator=gen).to(dtype))
-    indices = torch.randperm(p.numel(), generator=gen)[:200].sort().values
+    reference = torch.randperm(p.numel(), generator=gen)[:200].sort().values
+    reference[-1] = p.numel() - 1  # the last entry
+    indices = reference.to(index_dtype)
     values = torch.randn(200, generator=gen).to(dtype)
-    assert torch.equal(gather_entries(p, indices), torch.take(p.detach(), indices))
+    assert torch.equal(gather_entries(p, indices), torch.take(p.detach(), reference))
     out = torch.empty(200, dtype=dtype)
-    assert gather_entries(p, indices, out) is out and torch.equal(out, torch.take(p.detach(), indices))
-    expected = p.detach().clone().view(-1).index_put_((indices,), values).view(p.shape)
+    assert gather_entries(p, indices, out) is out and torch.equal(out, torch.take(p.detach(), reference))
+    expected = p.detach().clone().view(-1).index_put_((reference,), values).view(p.shape)
     version = p._version
     with torch.no_grad():
         scatter_entries(p, indices, values)
     assert torch.equal(p.detach(), expected)
     assert p._version > version
     offsets = torch.randn(200, generator=gen).to(dtype)
-    climbed = p.detach().clone().view(-1).index_put_((indices,), offsets + values).view(p.shape)
+    climbed = p.detach().clone().view(-1).index_put_((reference,), offsets + values).view(p.shape)
     version = p._version
     with torch.no_grad():
         saved = climb_entries(p, indices, offsets.clone())

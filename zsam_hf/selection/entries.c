@@ -109,11 +109,11 @@ int64_t collect_f64(const double *g, int64_t start, int64_t n, double lower, dou
 #define PREFETCH_FOR_WRITE(w, idx, j, k)
 #endif
 
-#define CLIMB_AND_PUT(T, SUFFIX)                                                                       \
+#define CLIMB_AND_PUT(T, SUFFIX, I, WIDTH)                                                             \
     /* w[idx[j]] becomes e[j] + w[idx[j]] (the engine's rounding), its original saved in saved[j];     \
        saved may be e itself (e[j] is read before saved[j] is written). Distinct indices: the threads  \
        write disjoint entries. */                                                                      \
-    void climb_##SUFFIX(T *w, const int64_t *idx, const T *e, T *saved, int64_t k, int threads) {      \
+    void climb##WIDTH##_##SUFFIX(T *w, const I *idx, const T *e, T *saved, int64_t k, int threads) {  \
         _Pragma("omp parallel for num_threads(threads) schedule(static) if(threads > 1)")              \
         for (int64_t j = 0; j < k; j++) {                                                              \
             PREFETCH_FOR_WRITE(w, idx, j, k)                                                           \
@@ -123,7 +123,7 @@ int64_t collect_f64(const double *g, int64_t start, int64_t n, double lower, dou
         }                                                                                              \
     }                                                                                                  \
     /* w[idx[j]] = values[j]. */                                                                       \
-    void put_##SUFFIX(T *w, const int64_t *idx, const T *values, int64_t k, int threads) {             \
+    void put##WIDTH##_##SUFFIX(T *w, const I *idx, const T *values, int64_t k, int threads) {         \
         _Pragma("omp parallel for num_threads(threads) schedule(static) if(threads > 1)")              \
         for (int64_t j = 0; j < k; j++) {                                                              \
             PREFETCH_FOR_WRITE(w, idx, j, k)                                                           \
@@ -131,8 +131,11 @@ int64_t collect_f64(const double *g, int64_t start, int64_t n, double lower, dou
         }                                                                                              \
     }
 
-CLIMB_AND_PUT(float, f32)
-CLIMB_AND_PUT(double, f64)
+/* climb_f32 ... take int64 indices (torch's); climb32_f32 ... the 32-bit ones the CPU selection keeps. */
+CLIMB_AND_PUT(float, f32, int64_t, )
+CLIMB_AND_PUT(double, f64, int64_t, )
+CLIMB_AND_PUT(float, f32, int32_t, 32)
+CLIMB_AND_PUT(double, f64, int32_t, 32)
 
 #define COLLECT_PARTS(T, SUFFIX)                                                                       \
     /* collect over ``parts`` parts of g[0:n], one thread each (PART_START): part t is written from the  \
@@ -429,9 +432,10 @@ NARROW(double, uint64_t, f64, fabs)
 DEVIATIONS_PAIR(float, f32)
 DEVIATIONS_PAIR(double, f64)
 
-#define KEEP_ABOVE_SCALAR(T, SUFFIX)                                                                   \
-    static int64_t keep_above_scalar_##SUFFIX(const int32_t *idx, const T *val, const T *d, int64_t m,  \
-                                              T bound, int64_t *idx_out, T *val_out, int64_t capacity) { \
+#define KEEP_ABOVE_SCALAR(T, SUFFIX, O, WIDTH)                                                         \
+    static int64_t keep_above_scalar##WIDTH##_##SUFFIX(const int32_t *idx, const T *val, const T *d,    \
+                                                       int64_t m, T bound, O *idx_out, T *val_out,      \
+                                                       int64_t capacity) {                              \
         int64_t c = 0;                                                                                 \
         for (int64_t j = 0; j < m; j++) {                                                              \
             if (d[j] > bound) {                                                                        \
@@ -445,69 +449,86 @@ DEVIATIONS_PAIR(double, f64)
         return c;                                                                                      \
     }
 
-KEEP_ABOVE_SCALAR(float, f32)
-KEEP_ABOVE_SCALAR(double, f64)
+/* keep_above_..._f32 write int64 indices (torch's); keep_above32_..._f32 the 32-bit ones as collected. */
+KEEP_ABOVE_SCALAR(float, f32, int64_t, )
+KEEP_ABOVE_SCALAR(double, f64, int64_t, )
+KEEP_ABOVE_SCALAR(float, f32, int32_t, 32)
+KEEP_ABOVE_SCALAR(double, f64, int32_t, 32)
 
 /* The candidates whose d[j] > bound: their idx and val, in order, into idx_out and val_out, which have
    room for capacity entries (the vector loop stores whole blocks of 16 while they fit, then the rest goes
    entry by entry). Returns how many there are: more than capacity means those past it were not written. */
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) static int64_t keep_above_f32_avx512(
-    const int32_t *idx, const float *val, const float *d, int64_t m, float bound, int64_t *idx_out,
-    float *val_out, int64_t capacity) {
-    int64_t j = 0, c = 0;
-    const __m512 b = _mm512_set1_ps(bound);
-    for (; j + 16 <= m && c + 16 <= capacity; j += 16) {
-        __mmask16 keep = _mm512_cmp_ps_mask(_mm512_loadu_ps(d + j), b, _CMP_GT_OQ);
-        _mm512_storeu_ps(val_out + c, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(val + j)));
-        /* the kept 32-bit indices packed to the front, then widened to 64 bits, eight at a time */
-        __m512i packed = _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(idx + j));
-        _mm512_storeu_si512((void *)(idx_out + c), _mm512_cvtepu32_epi64(_mm512_castsi512_si256(packed)));
-        _mm512_storeu_si512((void *)(idx_out + c + 8),
-                            _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(packed, 1)));
-        c += __builtin_popcount(keep);
+/* The kept 32-bit indices of a block of 16, packed to the front, stored as they are or widened to 64 bits. */
+__attribute__((target("avx512f"))) static inline void store_indices(int32_t *out, __m512i packed) {
+    _mm512_storeu_si512((void *)out, packed);
+}
+__attribute__((target("avx512f"))) static inline void store_indices64(int64_t *out, __m512i packed) {
+    _mm512_storeu_si512((void *)out, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(packed)));
+    _mm512_storeu_si512((void *)(out + 8), _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(packed, 1)));
+}
+#define KEEP_ABOVE_F32_AVX512(O, WIDTH, STORE)                                                          \
+    __attribute__((target("avx512f"))) static int64_t keep_above##WIDTH##_f32_avx512(                   \
+        const int32_t *idx, const float *val, const float *d, int64_t m, float bound, O *idx_out,       \
+        float *val_out, int64_t capacity) {                                                             \
+        int64_t j = 0, c = 0;                                                                           \
+        const __m512 b = _mm512_set1_ps(bound);                                                         \
+        for (; j + 16 <= m && c + 16 <= capacity; j += 16) {                                            \
+            __mmask16 keep = _mm512_cmp_ps_mask(_mm512_loadu_ps(d + j), b, _CMP_GT_OQ);                 \
+            _mm512_storeu_ps(val_out + c, _mm512_maskz_compress_ps(keep, _mm512_loadu_ps(val + j)));    \
+            STORE(idx_out + c, _mm512_maskz_compress_epi32(keep, _mm512_loadu_si512(idx + j)));         \
+            c += __builtin_popcount(keep);                                                              \
+        }                                                                                               \
+        /* the tail, and the last blocks, whose full-block stores could overrun */                      \
+        return c + keep_above_scalar##WIDTH##_f32(idx + j, val + j, d + j, m - j, bound, idx_out + c,   \
+                                                  val_out + c, capacity - c);                           \
     }
-    /* the tail, and the last blocks, whose full-block stores could overrun */
-    return c + keep_above_scalar_f32(idx + j, val + j, d + j, m - j, bound, idx_out + c, val_out + c, capacity - c);
-}
+KEEP_ABOVE_F32_AVX512(int64_t, , store_indices64)
+KEEP_ABOVE_F32_AVX512(int32_t, 32, store_indices)
+#define KEEP_ABOVE_AVX512(WIDTH)                                                                       \
+    CHOOSE_AVX512                                                                                      \
+    if (use_avx512) return keep_above##WIDTH##_f32_avx512(idx, val, d, m, bound, idx_out, val_out, capacity);
+#else
+#define KEEP_ABOVE_AVX512(WIDTH)
 #endif
 
-int64_t keep_above_f32(const int32_t *idx, const float *val, const float *d, int64_t m, float bound,
-                       int64_t *idx_out, float *val_out, int64_t capacity) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    CHOOSE_AVX512
-    if (use_avx512) return keep_above_f32_avx512(idx, val, d, m, bound, idx_out, val_out, capacity);
-#endif
-    return keep_above_scalar_f32(idx, val, d, m, bound, idx_out, val_out, capacity);
-}
+#define KEEP_ABOVE(T, SUFFIX, O, WIDTH, VECTOR)                                                        \
+    int64_t keep_above##WIDTH##_##SUFFIX(const int32_t *idx, const T *val, const T *d, int64_t m, T bound,\
+                                         O *idx_out, T *val_out, int64_t capacity) {                    \
+        VECTOR                                                                                         \
+        return keep_above_scalar##WIDTH##_##SUFFIX(idx, val, d, m, bound, idx_out, val_out, capacity); \
+    }
 
-int64_t keep_above_f64(const int32_t *idx, const double *val, const double *d, int64_t m, double bound,
-                       int64_t *idx_out, double *val_out, int64_t capacity) {
-    return keep_above_scalar_f64(idx, val, d, m, bound, idx_out, val_out, capacity);
-}
+KEEP_ABOVE(float, f32, int64_t, , KEEP_ABOVE_AVX512())
+KEEP_ABOVE(float, f32, int32_t, 32, KEEP_ABOVE_AVX512(32))
+KEEP_ABOVE(double, f64, int64_t, , )
+KEEP_ABOVE(double, f64, int32_t, 32, )
 
-#define KEEP_ABOVE_PARTS(T, SUFFIX)                                                                    \
+#define KEEP_ABOVE_PARTS(T, SUFFIX, O, WIDTH)                                                          \
     /* keep_above over ``parts`` parts, one thread each: part t writes from the sum of counts[0:t], with  \
        room for counts[t] entries (count_above's counts for the same d and bound), so the outputs follow \
        one another in order. Returns how many entries are above the bound: more than the counts' sum    \
        means counts were not d's (and no part wrote past its room). */                                   \
-    int64_t keep_above_parts_##SUFFIX(const int32_t *idx, const T *val, const T *d, int64_t m, T bound,   \
-                                      int64_t *idx_out, T *val_out, const int64_t *counts, int parts) {   \
+    int64_t keep_above_parts##WIDTH##_##SUFFIX(const int32_t *idx, const T *val, const T *d, int64_t m,  \
+                                               T bound, O *idx_out, T *val_out, const int64_t *counts,  \
+                                               int parts) {                                             \
         CHOOSE_AVX512                                                                                  \
         int64_t kept = 0;                                                                              \
         EACH_PART_ON_ITS_THREAD(parts, kept)                                                           \
         for (int t = 0; t < parts; t++) {                                                              \
             int64_t start = PART_START(m, t, parts), offset = 0;                                       \
             for (int u = 0; u < t; u++) offset += counts[u];                                           \
-            kept += keep_above_##SUFFIX(idx + start, val + start, d + start,                           \
-                                        PART_START(m, t + 1, parts) - start, bound, idx_out + offset,  \
-                                        val_out + offset, counts[t]);                                  \
+            kept += keep_above##WIDTH##_##SUFFIX(idx + start, val + start, d + start,                  \
+                                                 PART_START(m, t + 1, parts) - start, bound,           \
+                                                 idx_out + offset, val_out + offset, counts[t]);        \
         }                                                                                              \
         return kept;                                                                                   \
     }
 
-KEEP_ABOVE_PARTS(float, f32)
-KEEP_ABOVE_PARTS(double, f64)
+KEEP_ABOVE_PARTS(float, f32, int64_t, )
+KEEP_ABOVE_PARTS(double, f64, int64_t, )
+KEEP_ABOVE_PARTS(float, f32, int32_t, 32)
+KEEP_ABOVE_PARTS(double, f64, int32_t, 32)
 
 /* Whether the loops can use more than one thread (the library was built with OpenMP). */
 int zsam_entries_openmp(void) {

@@ -164,6 +164,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
             "climb": (None, [pointer, pointer, pointer, pointer, count, threads]),
             "put": (None, [pointer, pointer, pointer, count, threads]),
         }
+        for name in ("keep_above_parts", "climb", "put"):  # the same loops on 32-bit indices
+            signatures[f"{name}32"] = signatures[name]
         for name, (restype, argtypes) in signatures.items():
             function = getattr(library, f"{name}_{suffix}")
             function.restype, function.argtypes = restype, argtypes
@@ -431,21 +433,23 @@ def keep_above(
     counts: np.ndarray | None = None,
 ) -> int:
     """The ``indices`` (the collecting loops' ``INDEX``) and ``values`` where ``d > bound``, in order, into
-    the outputs (the indices widened to int64, as torch indexes); returns how many.
+    the outputs (the indices as they are, or widened to int64, as torch indexes: ``indices_out``'s
+    dtype); returns how many.
 
     ``counts`` (``count_above``'s for the same ``d`` and ``bound``) splits the work into as many parts, one
     thread each, each writing where the parts before it end. The loops write none past the outputs' room
     (nor past a part's count): more than fit, or counts that are not ``d``'s, is an error."""
-    if indices.dtype != INDEX or indices_out.dtype != np.int64:
+    if indices.dtype != INDEX or indices_out.dtype not in _INDEX_WIDTH:
         raise ValueError(
-            f"keep_above reads {INDEX} indices and writes int64, not {indices.dtype} and {indices_out.dtype}"
+            f"keep_above reads {INDEX} indices and writes int32 or int64, not {indices.dtype} and "
+            f"{indices_out.dtype}"
         )
     room = min(indices_out.size, values_out.size)
     rooms = np.array([room] if counts is None else counts, dtype=np.int64)  # one part: all the room
     expected = int(rooms.sum())
     if expected > room:
         raise ValueError(f"outputs of {room} entries cannot hold the {expected} counted")
-    function = _loop("keep_above_parts", values.dtype)
+    function = _loop(f"keep_above_parts{_INDEX_WIDTH[indices_out.dtype]}", values.dtype)
     kept = function(
         _address(indices), _address(values), _address(d), d.size, bound,
         _address(indices_out), _address(values_out), _address(rooms), rooms.size,
@@ -457,16 +461,20 @@ def keep_above(
     return kept
 
 
+# The loops' names for each index dtype: "climb" takes int64 indices, "climb32" int32 ones.
+_INDEX_WIDTH = {np.dtype(np.int64): "", INDEX: "32", torch.long: "", torch.int32: "32"}
+
+
 def climb(weights: Flat, indices: Flat, offsets: Flat, saved: Flat, threads: int = 1) -> None:
-    """``saved = weights[indices]; weights[indices] = offsets + saved`` in one loop (distinct int64 flat
-    indices, split between ``threads``); ``saved`` may be ``offsets`` itself. NumPy arrays or contiguous CPU
-    tensors (a parameter's own, whose autograd version the caller then bumps), of one dtype."""
-    function = _loop("climb", weights.dtype)
+    """``saved = weights[indices]; weights[indices] = offsets + saved`` in one loop (distinct int64 or int32
+    flat indices, split between ``threads``); ``saved`` may be ``offsets`` itself. NumPy arrays or contiguous
+    CPU tensors (a parameter's own, whose autograd version the caller then bumps), of one dtype."""
+    function = _loop(f"climb{_INDEX_WIDTH[indices.dtype]}", weights.dtype)
     function(_address(weights), _address(indices), _address(offsets), _address(saved), len(indices), threads)
 
 
 def put(weights: Flat, indices: Flat, values: Flat, threads: int = 1) -> None:
-    """``weights[indices] = values`` in one loop (distinct int64 flat indices, split between ``threads``);
-    arrays or tensors, as ``climb`` takes them."""
-    function = _loop("put", weights.dtype)
+    """``weights[indices] = values`` in one loop (distinct int64 or int32 flat indices, split between
+    ``threads``); arrays or tensors, as ``climb`` takes them."""
+    function = _loop(f"put{_INDEX_WIDTH[indices.dtype]}", weights.dtype)
     function(_address(weights), _address(indices), _address(values), len(indices), threads)

@@ -35,9 +35,12 @@ class KeptBuffers:
         self.values = torch.empty(0)
         self.originals = torch.empty(0)
 
-    def hold(self, count: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views for ``count`` indices and gradient values of ``dtype``, regrown only when needed."""
-        self.indices = self._fit(self.indices, count, torch.long, device)
+    def hold(
+        self, count: int, dtype: torch.dtype, device: torch.device, index_dtype: torch.dtype = torch.long
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views for ``count`` indices of ``index_dtype`` and gradient values of ``dtype``, regrown only when
+        needed."""
+        self.indices = self._fit(self.indices, count, index_dtype, device)
         self.values = self._fit(self.values, count, dtype, device)
         return self.indices[:count], self.values[:count]
 
