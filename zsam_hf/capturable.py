@@ -16,7 +16,7 @@ inputs. So here every decision stays on the device and gates the values written:
 Because every tensor may be written whole, w + e goes into a buffer per parameter, reused from step
 to step, and the parameter points at it until the restore points it back at its own, untouched
 storage: SAM's own move. The price is SAM's memory between the passes (one copy of the parameters)
-instead of the eager path's 0.15x, and one dense pass per tensor; on an accelerator the launches
+instead of the eager path's 0.1-0.15x, and one dense pass per tensor; on an accelerator the launches
 saved by capture are what the step is made of (docs/performance.md).
 """
 

@@ -93,7 +93,7 @@ class _SAMFields:
             "help": "Take the ascent with no host synchronization (zsam and sam only): every decision on the "
             "device and w + e in one reused buffer per parameter, so a GPU step runs under "
             "torch.cuda.set_sync_debug_mode('error'). The same weights as the default path, at SAM's memory "
-            "between the passes (instead of 0.15x the parameters for zsam). Not under FSDP2."
+            "between the passes (instead of 0.1-0.15x the parameters for zsam). Not under FSDP2."
         },
     )
 

@@ -92,7 +92,7 @@ class ZSAM(torch.optim.Optimizer):
         capturable: no host synchronization in ``first_step`` and ``second_step`` (zsam and sam), so
             a CUDA graph can capture the whole two-pass step; passed on to the base optimizer when
             it takes it (Adam, AdamW...). The weights between the passes live in a buffer per
-            parameter, as SAM's do: SAM's memory, not ZSAM's 0.15x (docs/own-loop.md). A
+            parameter, as SAM's do: SAM's memory, not ZSAM's 0.1-0.15x (docs/own-loop.md). A
             non-finite ascent gradient climbs by e = 0 and ``last_perturbation_norm`` is 0.
 
     ``param_groups`` are the base optimizer's own, so a learning-rate scheduler built on either
