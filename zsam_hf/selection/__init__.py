@@ -68,8 +68,8 @@ def kept_entries_many(
     CPU tensors take the sampled bound (least memory traffic); accelerator tensors the
     fixed-shape path (``fixed_shape.py``: one ``topk`` each, one host synchronization per call).
     ``fixed_shape=True`` takes the accelerator's path on any device. ``buffers`` (one per tensor)
-    hold CPU results from step to step (``reuse.py``; a large tensor's indices there are int32); the caching allocator already keeps
-    an accelerator's peak steady, so they are not used there.
+    hold CPU results from step to step (``reuse.py``; a large tensor's indices there are int32); the
+    caching allocator already keeps an accelerator's peak steady, so they are not used there.
     """
     if not grads:
         return []

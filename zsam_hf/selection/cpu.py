@@ -522,7 +522,7 @@ def _candidates_above_compiled(
     """``_candidates_above`` in the compiled loops: a count, then one loop that keeps the entries (each split
     between torch's threads when there are enough candidates). Into ``out``, the indices stay 32-bit, as
     collected: the engine's climb and restore read them in the compiled loops too, so each pass over the
-    kept entries reads half the index bytes (and the buffers hold a fifth less between the passes)."""
+    kept entries reads half the index bytes, and the buffers hold a third less between the passes."""
     counts = kernel.count_above(d, bound, kernel.threads(d.size, kernel.PARALLEL_CANDIDATES))
     count, dtype = int(counts.sum()), _TORCH_DTYPES[values.dtype]
     if out is None:
