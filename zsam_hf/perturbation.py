@@ -398,13 +398,14 @@ def gather_entries(p: torch.Tensor, indices: torch.Tensor, out: torch.Tensor | N
     return out
 
 
+# The index dtypes the compiled loops read: torch's, and the 32-bit ones the CPU selection keeps.
+_LOOP_INDICES = (torch.long, torch.int32)
+
+
 def _compiled_cpu(p: torch.Tensor, indices: torch.Tensor, *others: torch.Tensor) -> bool:
     """Whether the compiled loops (``selection/kernel.py``) can write ``p``'s entries at ``indices`` (int64
     or int32)."""
     return _plain_cpu(p, indices, *others, index_dtypes=_LOOP_INDICES) and kernel.supports_dtype(p.dtype)
-
-
-_LOOP_INDICES = (torch.long, torch.int32)
 
 
 def climb_entries(

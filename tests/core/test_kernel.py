@@ -162,9 +162,9 @@ def _per_part(mask: np.ndarray, parts: int) -> list[int]:
 @pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 33, 5000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_deviations_and_the_band_are_numpys(m, dtype, threads):
-    """``deviations_pair``: |values - center| bit for bit as NumPy's subtract and abs (-0.0 becomes +0.0, subnormals stay), the
-    count at or above ``low`` and the band under ``high`` in order, against NumPy doing each; split between
-    threads, the parts' bands follow one another in order."""
+    """``deviations_pair``: |values - center| bit for bit as NumPy's subtract and abs (-0.0 becomes +0.0,
+    subnormals stay), the count at or above ``low`` and the band under ``high`` in order, against NumPy doing
+    each; split between threads, the parts' bands follow one another in order."""
     values = _awkward(m, dtype, seed=m)
     values = values[np.isfinite(values)]  # the candidates are finite: the finite check comes first
     if values.size:
@@ -528,9 +528,10 @@ def _small_gradients() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("quantile", [0.0, 0.5, 0.95, 0.99, 1.0])
 def test_small_tensors_select_in_the_compiled_loops_what_a_full_selection_keeps(quantile, monkeypatch):
     """Up to SMALL_TENSOR entries the filter writes the deviations while it counts them into buckets, moves
-    those near the quantile aside and copies the kept entries out in the compiled loops: the same entries, bit for bit, as the full selection through
-    NumPy and torch, and as the float64 reference where float64 rounds as the tensor's type does. The
-    loops run wherever the two order statistics exist and every deviation is finite."""
+    those near the quantile aside and copies the kept entries out in the compiled loops: the same entries,
+    bit for bit, as the full selection through NumPy and torch, and as the float64 reference where float64
+    rounds as the tensor's type does. The loops run wherever the two order statistics exist and every
+    deviation is finite."""
     narrowed = []  # (entries, whether the loop narrowed them) for each call of the small tensors' loop
     narrow = kernel.narrow_deviations
 
@@ -694,12 +695,7 @@ def test_the_engine_keeps_a_large_tensors_indices_in_32_bits_and_restores_every_
     moved = np.flatnonzero((param != weight).reshape(-1).numpy())
     assert set(moved) <= set(expected) and moved.size > 0.9 * expected.size  # bf16: some e round away
     applied.restore()
-    assert torch.equal(param.view(-1).view(_bits(dtype)), weight.view(-1).view(_bits(dtype)))
-
-
-def _bits(dtype: torch.dtype) -> torch.dtype:
-    """An integer dtype of ``dtype``'s width, to compare floats bit for bit (-0.0 and NaN included)."""
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(param.view(torch.uint8), weight.view(torch.uint8))  # bit for bit, -0.0 included
 
 
 def test_the_engine_climbs_and_restores_the_same_bits_with_and_without_the_loops(monkeypatch):

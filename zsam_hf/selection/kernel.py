@@ -226,8 +226,8 @@ def use_avx512(allow: bool = True) -> bool:
 
 def _loop(name: str, dtype: np.dtype | torch.dtype):
     """The compiled loop ``name`` for ``dtype``, NumPy's or torch's (the library loaded first, if no caller
-    has loaded it). Callers have asked ``supports`` (which reads ``ZSAM_HF_KERNEL``) first: the environment is not read again
-    (a ResNet-18 step read it 351 times, at 0.6 µs a read)."""
+    has loaded it). Callers have asked ``supports`` (which reads ``ZSAM_HF_KERNEL``) first: the environment
+    is not read again (a ResNet-18 step read it 351 times, at 0.6 µs a read)."""
     suffix = _SUFFIX[dtype] if isinstance(dtype, np.dtype) else _TORCH_SUFFIX[dtype]
     return getattr(_library if _library is not None else library(), f"{name}_{suffix}")
 
@@ -374,11 +374,11 @@ def sample_bracket(
     work: np.ndarray,
 ) -> np.ndarray | None:
     """``sample[k] = |gradient[start + k stride] - center|`` for every entry of ``sample`` (as NumPy's
-    subtract and abs compute it), then the sample's order statistics ``first`` and ``last``: narrowed by buckets between its
-    least and greatest entries into ``work`` (as many entries) and sorted out there, in the same call, where
-    torch and NumPy take a dozen (a strided slice, a subtraction, a partition, a sort). None where a sampled
-    deviation is infinite or NaN, or ties leave more entries than the loop sorts (select them another way:
-    the sample is written either way)."""
+    subtract and abs compute it), then the sample's order statistics ``first`` and ``last``: narrowed by
+    buckets between its least and greatest entries into ``work`` (as many entries) and sorted out there, in
+    the same call, where torch and NumPy take a dozen (a strided slice, a subtraction, a partition, a sort).
+    None where a sampled deviation is infinite or NaN, or ties leave more entries than the loop sorts (select
+    them another way: the sample is written either way)."""
     m = sample.size
     if not 0 <= first <= last < m or m < 2:
         raise ValueError(f"order statistics {first} and {last} of {m} entries")
@@ -397,8 +397,8 @@ def sample_bracket(
 def narrow_deviations(
     gradient: np.ndarray, center, rank: int, d: np.ndarray, band: np.ndarray
 ) -> tuple[int, int, np.ndarray | None] | None:
-    """``d = |gradient - center|`` (as ``deviations_pair`` computes it), then ``narrow_pair``'s result for a band
-    that is all of ``d``, on one thread, with no pass to write that band and read it back: the deviations
+    """``d = |gradient - center|`` (as ``deviations_pair`` computes it), then ``narrow_pair``'s result for a
+    band that is all of ``d``, on one thread, with no pass to write that band and read it back: the deviations
     are counted into buckets as they are written, and those near order statistics ``rank`` and ``rank + 1``
     moved into ``band`` (``d`` is left intact). Returns what ``narrow_pair`` returns, or None if a deviation
     is infinite or NaN."""
