@@ -18,7 +18,7 @@ Workloads are ``ARCH@SIZExBATCH`` (timm architectures, random weights, 1000 clas
 (``loss.backward(); opt.first_step(zero_grad=True); loss.backward(); opt.second_step(zero_grad=True)``),
 rows taking turns call by call on the same model and batch: the base optimizer alone, our
 ``ZSAM(variant="sam")`` and ``ZSAM``, the released code's ZSAM and davda54's SAM (both re-created here
-for comparison only) and pytorch_optimizer's ``SAM`` (from PyPI):
+for comparison only) and pytorch_optimizer's ``SAM`` (from PyPI; left out, with a note, where it is not installed):
 
     python scripts/benchmark_step.py --mode optimizer --workloads resnet18@32x64 vit_base_patch16_224@224x4
 
@@ -42,6 +42,7 @@ import ctypes
 import json
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -235,16 +236,14 @@ def capturable_rows(arch: str, image_size: int, batch_size: int, args) -> dict:
 
 def measure_optimizers(arch: str, image_size: int, batch_size: int, args) -> dict:
     """The optimizer rows for one workload: medians per step, bytes kept between the passes, and on
-    CUDA each row's peak allocated memory over the base optimizer's."""
-    from pytorch_optimizer import SAM as ThirdPartySAM
-
+    CUDA each row's peak allocated memory over the base optimizer's. Without pytorch_optimizer (not on every
+    GPU image), its row is left out, and said so."""
     device = args.device
     model, batch, param_bytes = workload(arch, image_size, batch_size, device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16)
     sgd = torch.optim.SGD(model.parameters(), lr=1e-3)
     ours_sam = ZSAM(model.parameters(), torch.optim.SGD, variant="sam", lr=1e-3)
     ours = ZSAM(model.parameters(), torch.optim.SGD, lr=1e-3)
-    third = ThirdPartySAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3)
     davda = torch.optim.SGD(model.parameters(), lr=1e-3)
     released = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -277,8 +276,10 @@ def measure_optimizers(arch: str, image_size: int, batch_size: int, args) -> dic
         "ZSAM (ours)": (run(ours_kept(ours)), 1),
         "ZSAM (released code)": (run(lambda: released_code_step(model, released, batch, 0.05, 0.95)), 1),
         "SAM (davda54, re-created)": (run(lambda: davda54_sam_step(model, davda, batch, 0.05)), 1),
-        "SAM (pytorch_optimizer)": (run(lambda: two_step(model, third, batch) or param_bytes), 1),
     }
+    third_party = _third_party_sam(model)
+    if third_party is not None:
+        rows["SAM (pytorch_optimizer)"] = (run(lambda: two_step(model, third_party, batch) or param_bytes), 1)
     if args.captured:
         rows.update(capturable_rows(arch, image_size, batch_size, args))
     medians, kept = time_interleaved(rows, args.warmup, args.steps * args.rounds, device)
@@ -292,6 +293,16 @@ def measure_optimizers(arch: str, image_size: int, batch_size: int, args) -> dic
             peaks[name] = torch.cuda.max_memory_allocated()
     return {"workload": f"{arch}@{image_size}x{batch_size}", "medians_s": medians, "extra_bytes": kept,
             "param_bytes": param_bytes, "peak_bytes": peaks}  # fmt: skip
+
+
+def _third_party_sam(model: nn.Module):
+    """pytorch_optimizer's ``SAM`` over SGD, or None (with a note on stderr) where the package is missing."""
+    try:
+        from pytorch_optimizer import SAM
+    except ImportError:
+        print("note: pytorch_optimizer is not installed: its SAM row is left out", file=sys.stderr)
+        return None
+    return SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3)
 
 
 def report_optimizers(result: dict, args) -> None:
