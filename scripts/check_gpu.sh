@@ -10,7 +10,7 @@
 # (scripts/gpu_environment.py) comes first and stops the check where zsam_hf does not import or no GPU is visible,
 # before the lease is spent on parts that cannot run. After it every part runs, each within its own time limit,
 # even if an earlier one fails; the exit status is the first failure's. Record the outputs in docs/ with the card
-# named (environment.txt).
+# named (environment.txt). It writes seven files, within the eight the device tool brings back from $OUT.
 #
 # ZSAM_CHECK_REHEARSAL=1 runs the same parts with the same flags on the CPU, on a tiny workload, in seconds: the
 # rehearsal a test runs (tests/benchmark/test_gpu_check.py), so the script works the first time a GPU is lent.
