@@ -48,7 +48,7 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-run environment 120 "$python" scripts/gpu_environment.py --device "$device" "${site_args[@]}"
+run environment 120 "$python" scripts/gpu_environment.py --device "$device" ${site_args[@]+"${site_args[@]}"}
 [ "$status" -eq 0 ] || exit "$status"
 if [ "$device" = cuda ]; then
     run card 60 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -8,7 +8,7 @@ and transformers 5.17 were seen there, below our lower bounds): a version outsid
 the check goes on, so the figures say what they were taken on. Exits 1 where the check cannot run at all:
 ``zsam_hf`` does not import, or ``--device cuda`` has no CUDA device.
 
-    python scripts/gpu_environment.py --device cuda --site /tmp/zsam-check-site
+    python scripts/gpu_environment.py --device cuda [--site DIR]
 """
 
 from __future__ import annotations
