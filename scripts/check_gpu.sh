@@ -25,7 +25,7 @@ if [ "${ZSAM_CHECK_REHEARSAL:-0}" = 1 ]; then
     device=cpu workloads="resnet10t@16x2" sizes="--steps 1 --rounds 1 --warmup 1"
 else
     device=cuda workloads="resnet18@32x64 resnet50@224x64 vit_base_patch16_224@224x64"
-    sizes="--steps 10 --rounds 2 --warmup 3"
+    sizes="--steps 25 --rounds 4 --warmup 5"  # 100 timed calls a row: short GPU steps are noisy
 fi
 status=0
 run() {  # run NAME SECONDS COMMAND...: its output to the terminal and to OUTPUT_DIR/NAME.txt, stopped at SECONDS
