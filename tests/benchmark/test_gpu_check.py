@@ -67,7 +67,7 @@ def test_the_gpu_check_rehearsed_on_the_cpu_runs_every_part_with_the_carried_whe
     assert "carried: pytorch_optimizer 0.0.1, does not import: ImportError: not on this image" in environment
     assert "device: cpu" in environment
 
-    # Every GPU test was collected from the checkout (and skips here): at least one a test function.
+    # The GPU tests were collected from the checkout (and skip here): at least as many as its test functions.
     gpu_tests = sum(
         line.startswith("def test_") for line in (ROOT / "tests/gpu/test_cuda.py").read_text().splitlines()
     )
@@ -86,10 +86,12 @@ def test_the_gpu_check_rehearsed_on_the_cpu_runs_every_part_with_the_carried_whe
 
 
 def test_the_gpu_check_stops_after_the_environment_where_no_gpu_is_visible(tmp_path):
-    """Run for real on a machine with no GPU, the check says so and stops: no part that cannot run spends the
-    lease, and the exit status is a failure."""
+    """Run for real where torch sees no GPU (none is made visible, on any machine), the check says so and stops:
+    no part that cannot run spends the lease, and the exit status is a failure."""
     out = tmp_path / "out"
-    done = run_check(out, ZSAM_CHECK_REHEARSAL="0", ZSAM_CHECK_WHEELS=str(tmp_path / "none"))
+    done = run_check(
+        out, ZSAM_CHECK_REHEARSAL="0", ZSAM_CHECK_WHEELS=str(tmp_path / "none"), CUDA_VISIBLE_DEVICES=""
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "device: no CUDA device is visible to torch" in (out / "environment.txt").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["environment.txt"]
