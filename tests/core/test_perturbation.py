@@ -314,7 +314,6 @@ def test_the_kept_bound_keeps_what_torch_lerps_threshold_keeps(dtype):
     exactly the deviations that ``torch.lerp(a, b, frac)`` (``torch.quantile``'s threshold) keeps, a and b
     included: pairs far apart, a few units in the last place apart, equal, subnormal and zero, with weights
     0, tiny, a half, near 1; torch's own value is used where the rounding could decide."""
-
     rng = np.random.default_rng(17)
     tiny = float(np.finfo(dtype).smallest_subnormal)
     lowers = [0.0, tiny, 3 * tiny, 1e-30, 0.25, 1.0, 3.7e5, *rng.uniform(0, 4, size=40).tolist()]
@@ -542,7 +541,6 @@ def test_mask_against_torch_quantile_itself(n, q):
 def test_positions_above_match_numpy(size, density):
     """Positions above a bound (or at it, inclusive), through a reused buffer holding stale bytes, against
     a comparison of the values."""
-
     gen = torch.Generator().manual_seed(size)
     values = torch.rand(size, generator=gen)
     values[: size // 3] = 0.5  # a run of ties at the bound
@@ -581,7 +579,6 @@ def _ulp_walk(start, dtype, steps: int = 64) -> np.ndarray:
 )
 def test_outside_bounds_hold_every_entry_at_or_beyond_the_bound(dtype, mean, low):
     """g <= lower or g >= upper whenever |g - mean| >= low as the dtype computes it; and only a few more."""
-
     with np.errstate(over="ignore", under="ignore"):
         mean, low = dtype(mean), dtype(low)
         lower, upper = cpu._outside_bounds(float(mean), float(low), np.dtype(dtype))
@@ -677,7 +674,6 @@ def test_the_band_under_the_samples_upper_bound_selects_what_all_candidates_sele
 
 def test_the_band_is_used_only_when_it_holds_both_order_statistics():
     """``_near_the_quantile`` narrows to the band exactly when ranks r and r + 1 fall inside it."""
-
     d = np.random.default_rng(0).permutation(np.arange(100, dtype=np.float32))
     mask = cpu._mask_buffer(d.size)
     near = cpu._near_the_quantile(d, 10, np.float32(12.5), mask)  # 0..12 in the band

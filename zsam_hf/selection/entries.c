@@ -493,8 +493,9 @@ KEEP_ABOVE_F32_AVX512(int32_t, 32, store_indices)
 #endif
 
 #define KEEP_ABOVE(T, SUFFIX, O, WIDTH, VECTOR)                                                        \
-    static int64_t keep_above##WIDTH##_##SUFFIX(const int32_t *idx, const T *val, const T *d, int64_t m, T bound,\
-                                         O *idx_out, T *val_out, int64_t capacity) {                    \
+    static int64_t keep_above##WIDTH##_##SUFFIX(const int32_t *idx, const T *val, const T *d,          \
+                                                int64_t m, T bound, O *idx_out, T *val_out,            \
+                                                int64_t capacity) {                                    \
         VECTOR                                                                                         \
         return keep_above_scalar##WIDTH##_##SUFFIX(idx, val, d, m, bound, idx_out, val_out, capacity); \
     }
