@@ -153,6 +153,7 @@ class CountingScaler(torch.amp.GradScaler):
 
 
 def test_fp16_grad_scaler() -> None:
+    CountingScaler.calls = 0  # a class attribute: counted afresh whatever ran before
     model = Net()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = ZSAMTrainer(
