@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,18 +39,14 @@ def stated_ranges() -> dict[str, Requirement]:
     try:
         import tomllib
     except ModuleNotFoundError:
-        return {_normalized(name): Requirement(name) for names in CHECKED.values() for name in names}
+        return {canonicalize_name(name): Requirement(name) for names in CHECKED.values() for name in names}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     ranges = {}
     for extra, names in CHECKED.items():
         lines = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
-        requirements = {_normalized(r.name): r for r in map(Requirement, lines)}
-        ranges.update({_normalized(name): requirements[_normalized(name)] for name in names})
+        requirements = {canonicalize_name(r.name): r for r in map(Requirement, lines)}
+        ranges.update({canonicalize_name(name): requirements[canonicalize_name(name)] for name in names})
     return ranges
-
-
-def _normalized(name: str) -> str:
-    return name.lower().replace("_", "-")
 
 
 def version_line(requirement: Requirement) -> str:
