@@ -36,7 +36,9 @@ def on_torch_threads():
 
 
 @pytest.fixture(params=["avx512", "portable"])
-def collecting_loop(request):
+def vector_loops(request):
+    """The loops that have an AVX-512 version (collect, the deviations, the buckets' counts and moves, keep)
+    run it, or the portable one: each test that takes this runs both."""
     if request.param == "avx512" and not kernel.use_avx512(True):
         pytest.skip("this CPU has no AVX-512: the portable loop is the one that runs")  # both run on CI's
     yield kernel.use_avx512(request.param == "avx512")
@@ -60,7 +62,7 @@ def _awkward(n: int, dtype, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 31, 1000, 262_147])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bounds", [(-1.5, 1.5), (-np.inf, np.inf), (0.0, -0.0), (-0.01, 0.01)])
-def test_collect_finds_what_numpy_finds(collecting_loop, n, dtype, bounds):
+def test_collect_finds_what_numpy_finds(vector_loops, n, dtype, bounds):
     """Bounds equal to entries (1.5), at the infinities (only infinities qualify), crossed (every entry
     qualifies) and narrow; NaN never qualifies. Buffers of 37 entries make the pass stop and resume."""
     g = _awkward(n, dtype, seed=n)
@@ -81,7 +83,7 @@ def test_collect_finds_what_numpy_finds(collecting_loop, n, dtype, bounds):
 @pytest.mark.parametrize("parts", [2, 3])
 @pytest.mark.parametrize("room", [100_000, 700, 37])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_collect_in_parts_finds_what_numpy_finds(collecting_loop, parts, room, dtype):
+def test_collect_in_parts_finds_what_numpy_finds(vector_loops, parts, room, dtype):
     """Each part collected on its own thread, then moved to follow the one before. With room for all, the
     pass ends at the end; with little room, it ends where the first part that filled stopped, and one
     thread resumes from there, as the filter does."""
@@ -161,7 +163,7 @@ def _per_part(mask: np.ndarray, parts: int) -> list[int]:
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 33, 5000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_deviations_and_the_band_are_numpys(m, dtype, threads):
+def test_deviations_and_the_band_are_numpys(vector_loops, m, dtype, threads):
     """``deviations_pair``: |values - center| bit for bit as NumPy's subtract and abs (-0.0 becomes +0.0,
     subnormals stay), the count at or above ``low`` and the band under ``high`` in order, against NumPy doing
     each; split between threads, the parts' bands follow one another in order."""
@@ -169,6 +171,7 @@ def test_deviations_and_the_band_are_numpys(m, dtype, threads):
     values = values[np.isfinite(values)]  # the candidates are finite: the finite check comes first
     if values.size:
         values[0] = dtype(0.25)  # an entry at the center: a deviation of +0.0
+    values[1::7], values[2::7], values[3::11] = 0.75, 1.75, -0.25  # deviations of exactly low and high
     center, low, high = dtype(0.25), dtype(0.5), dtype(1.5)
     want = np.abs(np.subtract(values, center))
     d, band = np.full(values.size + 3, np.nan, dtype=dtype), np.full(values.size + 3, np.nan, dtype=dtype)
@@ -219,7 +222,7 @@ def _bands(dtype) -> dict[str, tuple[np.ndarray, float, float]]:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_narrow_pair_gives_the_two_order_statistics_or_the_few_entries_that_hold_them(dtype):
+def test_narrow_pair_gives_the_two_order_statistics_or_the_few_entries_that_hold_them(vector_loops, dtype):
     """Narrowed until few entries are left, the loop sorts out order statistics ``rank`` and ``rank + 1``
     itself: NumPy's sort's. Where ties the buckets cannot split leave more than ``PAIR_SORT`` (two values,
     many copies of each, straddling the ranks; one value everywhere), it returns those entries instead, and
@@ -255,7 +258,7 @@ def test_narrow_pair_gives_the_two_order_statistics_or_the_few_entries_that_hold
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sample_bracket_samples_as_numpy_and_selects_as_a_sort(dtype):
+def test_sample_bracket_samples_as_numpy_and_selects_as_a_sort(vector_loops, dtype):
     """The strided sample of |g - centre| is NumPy's, entry for entry; its order statistics at any two ranks
     (equal, at both ends) of spread, subnormal and tied gradients are a sort's, or None where ties leave
     the loop too many entries to sort, or a deviation is infinite or NaN. Ranks outside the sample,
@@ -334,7 +337,7 @@ def test_the_compiled_sample_and_bracket_are_torchs_sample_and_numpys_bracket():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_narrow_deviations_is_the_deviations_then_narrow_pair_over_all_of_them(dtype):
+def test_narrow_deviations_is_the_deviations_then_narrow_pair_over_all_of_them(vector_loops, dtype):
     """One loop writes d = |g - center| as NumPy computes it and counts the buckets, a second moves the
     entries near order statistics ``rank`` and ``rank + 1``, which are then narrowed as ``narrow_pair`` does:
     the same result as ``narrow_pair`` over a copy of NumPy's deviations, over the whole finite range, and
@@ -370,10 +373,83 @@ def test_narrow_deviations_is_the_deviations_then_narrow_pair_over_all_of_them(d
     for bad in (np.inf, np.nan):
         g = np.array([1.0, bad, 2.0, 3.0], dtype=dtype)
         assert kernel.narrow_deviations(g, dtype(1), 1, np.empty(4, dtype), np.empty(4, dtype)) is None
+        g = np.linspace(-1, 1, 40).astype(dtype)
+        g[20] = bad  # in a whole block of 16, where the vector loop reads it
+        assert kernel.narrow_deviations(g, dtype(0), 5, np.empty(40, dtype), np.empty(40, dtype)) is None
     with pytest.raises(ValueError, match="order statistics"):
         kernel.narrow_deviations(np.ones(4, dtype), dtype(1), 3, np.empty(4, dtype), np.empty(4, dtype))
     with pytest.raises(ValueError, match="cannot hold"):
         kernel.narrow_deviations(np.ones(4, dtype), dtype(1), 1, np.empty(3, dtype), np.empty(4, dtype))
+
+
+def test_the_vector_loops_narrow_exactly_as_the_portable_ones():
+    """The AVX-512 loops (float32's deviations, the buckets' counts, the moves) and the portable ones give
+    the same results, byte for byte, where the two could part: entries on bucket edges (a move must take a
+    bucket's first key and leave the next bucket's), deviations of exactly ``low`` and ``high``, ties,
+    subnormals. (float64 has only the portable loops.)"""
+    if not kernel.use_avx512(True):
+        pytest.skip("this CPU has no AVX-512: the portable loops are the ones that run")  # both run on CI's
+    dtype = np.float32
+    bands = _bands(dtype)
+    low, high = dtype(1.0), dtype(3.0)
+    # every key from low's up to high's on a multiple of the bucket width (2^13: 2048 buckets span
+    # [1, 3]), each twice, shuffled
+    edges = np.arange(low.view(np.uint32), high.view(np.uint32) + 1, 1 << 13, dtype=np.uint32)
+    edges = np.repeat(edges.view(dtype), 2)
+    np.random.default_rng(3).shuffle(edges)
+    bands["bucket edges"] = (edges, low, high)
+
+    def both(loop, *args):
+        """``loop(*args)`` on the AVX-512 loops, then on the portable ones."""
+        vector = loop(*args)
+        try:
+            kernel.use_avx512(False)
+            return vector, loop(*args)
+        finally:
+            kernel.use_avx512(True)
+
+    for name, (band, low, high) in bands.items():
+        for rank in sorted({0, band.size // 3, band.size // 2, band.size - 2}):
+            vector, portable = both(_narrowed_copy, band, low, high, rank)
+            assert _same(vector, portable), (name, rank)
+        center = dtype(low)  # deviations about the band's own values, exactly low and high among them
+        values = (band + center).astype(dtype)
+        for rank in (-1, values.size // 2):
+            vector, portable = both(_deviations_copy, values, center, low, high, rank)
+            assert _same(vector, portable), (name, rank)
+        for rank in (0, values.size // 2):
+            vector, portable = both(_narrow_deviations_copy, values, center, rank)
+            assert _same(vector, portable), (name, rank)
+
+
+def _narrowed_copy(band, low, high, rank):
+    """narrow_pair over a copy of ``band``: its result and the entries it left at the front."""
+    work = band.copy()
+    left, below, pair = kernel.narrow_pair(work, low, high, rank)
+    return (left, below, pair), work[:left]
+
+
+def _deviations_copy(values, center, low, high, rank):
+    """deviations_pair over ``values``: its result, the deviations, and the band it wrote (as narrowed)."""
+    d, band = np.empty_like(values), np.empty_like(values)
+    at_least_low, in_band, narrowed = kernel.deviations_pair(values, center, low, high, rank, d, band, 2)
+    return (at_least_low, in_band, narrowed), d, band[: in_band if narrowed is None else narrowed[0]]
+
+
+def _narrow_deviations_copy(values, center, rank):
+    """narrow_deviations over ``values``: its result, the deviations, and the entries it left."""
+    d, band = np.empty_like(values), np.empty_like(values)
+    result = kernel.narrow_deviations(values, center, rank, d, band)
+    return result, d, band[: 0 if result is None else result[0]]
+
+
+def _same(a, b) -> bool:
+    """Equal results of two loops, down to the bytes of their arrays."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.tobytes() == b.tobytes()
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def test_narrow_refuses_ranks_outside_the_band():
@@ -387,7 +463,7 @@ def test_narrow_refuses_ranks_outside_the_band():
 @pytest.mark.parametrize("parts", [1, 2, 3])
 @pytest.mark.parametrize("m", [0, 1, 15, 16, 17, 40, 5000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_keep_above_is_numpys_compress(collecting_loop, m, dtype, parts, width):
+def test_keep_above_is_numpys_compress(vector_loops, m, dtype, parts, width):
     """The entries whose deviation is above the bound (not at it), in order; outputs with exactly the room
     needed (the vector loop must not store past it), and too little room refused after writing none past.
     Split into parts (one thread each), each part's count is NumPy's and the parts' outputs follow one
@@ -563,7 +639,7 @@ def _kept(grads, quantile):
 
 
 @pytest.mark.parametrize("quantile", [0.5, 0.95, 0.99])
-def test_the_filter_keeps_the_same_entries_with_and_without_the_loops(collecting_loop, quantile, monkeypatch):
+def test_the_filter_keeps_the_same_entries_with_and_without_the_loops(vector_loops, quantile, monkeypatch):
     grads = list(_gradients().values())
     compiled = _kept(grads, quantile)
     monkeypatch.setenv("ZSAM_HF_KERNEL", "0")
@@ -632,7 +708,7 @@ def test_each_part_of_a_tensor_gets_room_for_its_own_candidates():
             assert actual[3] > 5 * actual[0]
 
 
-def test_the_filter_keeps_the_same_entries_on_torchs_threads_and_on_one(collecting_loop, on_torch_threads):
+def test_the_filter_keeps_the_same_entries_on_torchs_threads_and_on_one(vector_loops, on_torch_threads):
     assert on_torch_threads
     big = torch.randn(1 << 20, generator=torch.Generator().manual_seed(6)).reshape(1024, 1024)
     big[:, :100] *= 5  # candidates crowd into the columns at every row's start

@@ -218,8 +218,9 @@ def use_threads(allow: bool = True) -> bool:
 
 
 def use_avx512(allow: bool = True) -> bool:
-    """Let the compiled collecting loop run its AVX-512 version where the CPU has it (``allow``), or make
-    it take the portable loop; returns whether it now runs AVX-512."""
+    """Let the compiled loops that have an AVX-512 version (the collecting pass, the candidates' deviations,
+    the buckets' counts and moves, the kept entries' copy) run it where the CPU has it (``allow``), or make
+    them take the portable loops (the same results, bit for bit); returns whether they now run AVX-512."""
     lib = library()
     return bool(lib is not None and lib.zsam_entries_avx512(int(allow)))
 
