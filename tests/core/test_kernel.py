@@ -211,8 +211,16 @@ def _bands(dtype) -> dict[str, tuple[np.ndarray, float, float]]:
     rng.shuffle(tied)
     tiny = np.abs(rng.standard_normal(3_000)).astype(dtype) * np.finfo(dtype).smallest_subnormal * 7
     tiny[::5] = 0
+    # every key from 1.0's to 3.0's on a multiple of the bucket width there (2048 buckets span [1, 3]), each
+    # twice, shuffled: a move must take a bucket's first key and leave the next bucket's
+    keys = np.uint32 if dtype == np.float32 else np.uint64
+    width = 1 << (13 if dtype == np.float32 else 42)
+    edges = np.arange(dtype(1.0).view(keys), dtype(3.0).view(keys) + 1, width, dtype=keys)
+    edges = np.repeat(edges.view(dtype), 2)
+    rng.shuffle(edges)
     return {
         "spread": (spread, 1.9, 2.1),
+        "bucket edges": (edges, 1.0, 3.0),
         "tied": (tied, 1.0, 3.0),
         "subnormal": (tiny, 0.0, float(tiny.max())),
         "constant": (np.full(1_000, dtype(0.5)), 0.5, 0.5),
@@ -384,20 +392,13 @@ def test_narrow_deviations_is_the_deviations_then_narrow_pair_over_all_of_them(v
 
 def test_the_vector_loops_narrow_exactly_as_the_portable_ones():
     """The AVX-512 loops (float32's deviations, the buckets' counts, the moves) and the portable ones give
-    the same results, byte for byte, where the two could part: entries on bucket edges (a move must take a
-    bucket's first key and leave the next bucket's), deviations of exactly ``low`` and ``high``, ties,
-    subnormals. (float64 has only the portable loops.)"""
+    the same results, byte for byte, where the two could part: entries on bucket edges, deviations of exactly
+    ``low`` and ``high``, ties, subnormals (``_bands``; each loop is also checked against NumPy above, on both
+    versions). float64 has only the portable loops."""
     if not kernel.use_avx512(True):
         pytest.skip("this CPU has no AVX-512: the portable loops are the ones that run")  # both run on CI's
     dtype = np.float32
     bands = _bands(dtype)
-    low, high = dtype(1.0), dtype(3.0)
-    # every key from low's up to high's on a multiple of the bucket width (2^13: 2048 buckets span
-    # [1, 3]), each twice, shuffled
-    edges = np.arange(low.view(np.uint32), high.view(np.uint32) + 1, 1 << 13, dtype=np.uint32)
-    edges = np.repeat(edges.view(dtype), 2)
-    np.random.default_rng(3).shuffle(edges)
-    bands["bucket edges"] = (edges, low, high)
 
     def both(loop, *args):
         """``loop(*args)`` on the AVX-512 loops, then on the portable ones."""

@@ -181,50 +181,43 @@ COLLECT_PARTS(double, f64)
 #define EACH_PART_ON_ITS_THREAD(parts, sum)                                                            \
     PRAGMA(omp parallel for num_threads(parts) schedule(static, 1) if(parts > 1) reduction(+:sum))
 
-/* One part of deviations_##SUFFIX, entry by entry: d[j] for j in [start, end), the d[j] < high written to
-   band from band[start] on (*b: one past the last written); returns how many d[j] >= low. */
-#define DEVIATIONS_SCALAR(T, ABS)                                                                         \
-    for (; j < end; j++) {                                                                             \
-        T dev = ABS(val[j] - center); /* the sign bit cleared, as NumPy's abs does */                  \
-        d[j] = dev;                                                                                    \
-        at_least_low += dev >= low;                                                                    \
-        band[b] = dev;                                                                                 \
-        b += dev < high;                                                                               \
-    }
-
 #if defined(__x86_64__) && defined(__GNUC__)
-/* The same, 16 entries at a time: the subtraction and the cleared sign bit give the scalar loop's bits (one
-   IEEE subtraction each, under the same MXCSR), and the ordered comparisons are false for NaN, as the
-   scalar ones are. The band is compressed in registers and stored whole: it never reaches past entry j + 16
-   of the part (b <= j), so it stays within the part's own room. Entry by entry this took about a nanosecond a
-   candidate, a fifth of that here (docs/performance.md). */
-__attribute__((target("avx512f"))) static int64_t deviations_part_f32_avx512(
-    const float *val, int64_t j, int64_t end, float center, float low, float high, float *d, float *band,
+/* |g - center| of 16 entries, stored to d: one IEEE subtraction and a cleared sign bit each, the bits the
+   scalar loops' ABS(g - center) gives (under the same MXCSR). */
+__attribute__((target("avx512f"))) static inline __m512 deviations16_f32(const float *g, __m512 center,
+                                                                        float *d) {
+    __m512 dev = _mm512_abs_ps(_mm512_sub_ps(_mm512_loadu_ps(g), center));
+    _mm512_storeu_ps(d, dev);
+    return dev;
+}
+/* deviations_f32's loop over one part, on its whole blocks of 16 from *j (advanced to where they end): the
+   ordered comparisons are false for NaN, as the scalar ones are. The band is compressed in registers and
+   stored whole from *band_end (the next band slot, never past *j): it never reaches past the block just
+   read, so it stays within the part's own room. Returns how many are at or above low. Entry by entry this
+   took about a nanosecond a candidate, a fifth of that here (docs/performance.md). */
+__attribute__((target("avx512f"))) static int64_t deviations_blocks_f32_avx512(
+    const float *val, int64_t *j, int64_t end, float center, float low, float high, float *d, float *band,
     int64_t *band_end) {
-    int64_t at_least_low = 0, b = j;
+    int64_t at_least_low = 0, i = *j, b = *band_end;
     const __m512 c = _mm512_set1_ps(center), lo = _mm512_set1_ps(low), hi = _mm512_set1_ps(high);
-    for (; j + 16 <= end; j += 16) {
-        __m512 dev = _mm512_abs_ps(_mm512_sub_ps(_mm512_loadu_ps(val + j), c));
-        _mm512_storeu_ps(d + j, dev);
+    for (; i + 16 <= end; i += 16) {
+        __m512 dev = deviations16_f32(val + i, c, d + i);
         at_least_low += __builtin_popcount(_mm512_cmp_ps_mask(dev, lo, _CMP_GE_OQ));
         __mmask16 in = _mm512_cmp_ps_mask(dev, hi, _CMP_LT_OQ);
         _mm512_storeu_ps(band + b, _mm512_maskz_compress_ps(in, dev));
         b += __builtin_popcount(in);
     }
-    DEVIATIONS_SCALAR(float, fabsf)
+    *j = i;
     *band_end = b;
     return at_least_low;
 }
-#define DEVIATIONS_PART_AVX512_f32                                                                     \
-    if (use_avx512) {                                                                                  \
-        at_least_low += deviations_part_f32_avx512(val, start, end, center, low, high, d, band, &b);   \
-        in_part[t] = b - start;                                                                        \
-        continue;                                                                                      \
-    }
+#define DEVIATIONS_BLOCKS_AVX512_f32                                                                   \
+    if (use_avx512)                                                                                    \
+        at_least_low += deviations_blocks_f32_avx512(val, &j, end, center, low, high, d, band, &b);
 #else
-#define DEVIATIONS_PART_AVX512_f32
+#define DEVIATIONS_BLOCKS_AVX512_f32
 #endif
-#define DEVIATIONS_PART_AVX512_f64
+#define DEVIATIONS_BLOCKS_AVX512_f64
 
 #define DEVIATIONS(T, SUFFIX, ABS)                                                                          \
     /* d[j] = |val[j] - center|, as NumPy's subtract and abs compute it in T; returns how many d[j] >=  \
@@ -237,9 +230,15 @@ __attribute__((target("avx512f"))) static int64_t deviations_part_f32_avx512(
         EACH_PART_ON_ITS_THREAD(parts, at_least_low)                                                   \
         for (int t = 0; t < parts; t++) {                                                              \
             int64_t start = PART_START(m, t, parts), end = PART_START(m, t + 1, parts), b = start;      \
-            DEVIATIONS_PART_AVX512_##SUFFIX                                                            \
             int64_t j = start;                                                                         \
-            DEVIATIONS_SCALAR(T, ABS)                                                                  \
+            DEVIATIONS_BLOCKS_AVX512_##SUFFIX                                                          \
+            for (; j < end; j++) {                                                                     \
+                T dev = ABS(val[j] - center); /* the sign bit cleared, as NumPy's abs does */          \
+                d[j] = dev;                                                                            \
+                at_least_low += dev >= low;                                                            \
+                band[b] = dev;                                                                         \
+                b += dev < high;                                                                       \
+            }                                                                                          \
             in_part[t] = b - start;                                                                    \
         }                                                                                              \
         int64_t b = 0;                                                                                 \
@@ -321,8 +320,8 @@ __attribute__((target("avx512f"))) static int64_t count_buckets_f32_avx512(const
         add_buckets16_f32(_mm512_loadu_si512((const void *)(values + j)), b, s, counts);
     return j;
 }
-/* narrow_deviations_f32's first pass over whole blocks of 16 (the deviations as deviations_part_f32_avx512
-   computes them); returns how many are at most ``largest`` (NaN is not), with *done where the blocks end. */
+/* narrow_deviations_f32's first pass over whole blocks of 16 (the deviations by deviations16_f32); returns
+   how many are at most ``largest`` (NaN is not), with *done where the blocks end. */
 __attribute__((target("avx512f"))) static int64_t deviations_buckets_f32_avx512(
     const float *g, int64_t n, float center, float largest, uint32_t base, int shift, float *d,
     int64_t *counts, int64_t *done) {
@@ -331,8 +330,7 @@ __attribute__((target("avx512f"))) static int64_t deviations_buckets_f32_avx512(
     const __m512i b = _mm512_set1_epi32((int32_t)base);
     const __m128i s = _mm_cvtsi32_si128(shift);
     for (; j + 16 <= n; j += 16) {
-        __m512 dev = _mm512_abs_ps(_mm512_sub_ps(_mm512_loadu_ps(g + j), c));
-        _mm512_storeu_ps(d + j, dev);
+        __m512 dev = deviations16_f32(g + j, c, d + j);
         finite += __builtin_popcount(_mm512_cmp_ps_mask(dev, top, _CMP_LE_OQ));
         add_buckets16_f32(_mm512_castps_si512(dev), b, s, counts);
     }
