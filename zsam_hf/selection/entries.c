@@ -1,14 +1,24 @@
-/* The CPU filter's two memory-bound loops, compiled at first use by zsam_hf/selection/kernel.py.
+/* The CPU filter's loops, compiled at first use by zsam_hf/selection/kernel.py. It began as two
+   memory-bound loops (collect, and climb / put); each later round moved another step of a large tensor's
+   selection here, where NumPy and torch took a dozen calls for it (docs/performance.md).
 
-   collect: the entries of a gradient outside [lower, upper] (its candidates), with their flat indices,
-   in one pass. NumPy needs five passes over each chunk for this (two comparisons, an or, the positions,
-   a gather), and its positions loop costs 1.35 cycles an entry; here AVX-512 compares and compresses
-   16 entries at a time, where the CPU has it (chosen at run time), and a branch-free loop elsewhere.
+   collect, collect_parts: the entries of a gradient outside [lower, upper] (its candidates), with their
+   flat indices, in one pass. NumPy needs five passes over each chunk for this (two comparisons, an or, the
+   positions, a gather), and its positions loop costs 1.35 cycles an entry; here AVX-512 compares and
+   compresses 16 entries at a time, where the CPU has it (chosen at run time), and a branch-free loop
+   elsewhere.
+
+   deviations, narrow_pair, deviations_pair, sample_bracket, narrow_deviations: |g - center| of the
+   candidates (or of a strided sample, or of a small tensor's every entry), and the quantile's two order
+   statistics among them, narrowed by buckets of their bit patterns until a handful are left to sort.
+
+   count_above, keep_above: the kept entries (the candidates above the threshold) counted, then copied out.
 
    climb / put: w + e written at the kept entries with the originals saved, and the originals written
    back: one loop each, where NumPy and torch take a gather, an add and a scatter.
 
-   Everything is exact: comparisons and one addition per entry, in the gradient's own type. */
+   Everything is exact: comparisons, one subtraction or addition per entry in the gradient's own type, and
+   the AVX-512 versions give the portable loops' results bit for bit. */
 
 #include <math.h>
 #include <stdint.h>
