@@ -8,8 +8,9 @@ the restore, an SGD step. So each part starts with the caches as a real step lea
 the per-tensor work costs 2-4x in the step what it costs repeated on the same data (docs/performance.md).
 Each part's function is wrapped by name with ``time.perf_counter``; parts nest (the copy of the kept
 entries holds their count; the small tensors' selection holds their deviations and narrowing, threshold and
-copy), and a nested part is counted in its caller as well. Figures are per step, at torch's current
-thread count:
+copy), and a nested part is counted in its caller as well. The step's phases are timed too (``PHASES``: the
+two passes, the perturbation, the restore, the optimizer's step), so a run with ``--variant sam`` beside one
+without says which phases ZSAM's extra time is in. Figures are per step, at torch's current thread count:
 
     python scripts/profile_filter.py                                          # ResNet-18, 64 x 32 px
     taskset -c 1 env OMP_NUM_THREADS=1 python scripts/profile_filter.py       # one thread
@@ -55,6 +56,12 @@ PARTS = (
     (perturbation, "climb_entries", "the climb to w + e at the kept entries"),
     (perturbation, "scatter_entries", "the restore's writes"),
 )
+
+
+# The step's phases, in order: the ascent pass (forward and backward at w), the perturbation, the descent pass
+# at w + e, the restore, the base optimizer's step. Comparing them with ``--variant sam`` says which phases
+# ZSAM's extra time is in (the passes, or the perturbation and restore only).
+PHASES = ("ascent", "perturbation", "descent", "restore", "optimizer_step")
 
 
 class PartTimer:
@@ -135,6 +142,7 @@ def profile(arch: str, image_size: int, batch_size: int, args) -> dict:
             if step == args.warmup:
                 timer.clear()
                 totals.clear()
+            begun = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             model(**batch)["loss"].backward()
             start = time.perf_counter()
@@ -145,9 +153,12 @@ def profile(arch: str, image_size: int, batch_size: int, args) -> dict:
             model(**batch)["loss"].backward()
             descended = time.perf_counter()
             applied.restore()
-            totals["perturbation"] += perturbed - start
-            totals["restore"] += time.perf_counter() - descended
+            restored = time.perf_counter()
             optimizer.step()
+            ended = time.perf_counter()
+            for phase, seconds in zip(PHASES, (start, perturbed, descended, restored, ended)):
+                totals[phase] += seconds - begun
+                begun = seconds
     finally:
         timer.uninstall()
     weights = [p for p in params if p.ndim > 1]
@@ -175,8 +186,9 @@ def report(result: dict, by_size: bool) -> None:
         f"\n{result['workload']}, {result['variant']}{experiment}, {result['threads']} thread(s), "
         f"{result['steps']} steps: ms per step (parts nest: a nested part is in its caller's time too)"
     )
-    for name in ("perturbation", "restore"):
+    for name in PHASES:
         print(f"{name:<28}{1000 * result['seconds'][name]:>9.2f}")
+    print(f"{'step':<28}{1000 * sum(result['seconds'][name] for name in PHASES):>9.2f}")
     about = {name: what for _, name, what in PARTS}
     for name, seconds in result["parts"].items():
         calls = result["calls"][name]

@@ -335,6 +335,11 @@ def test_the_filter_profile_times_every_part_inside_steps_and_unwraps_them(tmp_p
     assert result["calls"]["_candidates"] == result["large_weight_tensors"]
     assert 0 < result["calls"]["climb_entries"] <= result["weight_tensors"]
     total = result["seconds"]["perturbation"]
+    # Every phase of the step is timed, each a part of the step: the passes cost more than the restore.
+    assert set(result["seconds"]) == set(script.PHASES)
+    assert all(result["seconds"][phase] > 0 for phase in script.PHASES)
+    assert result["seconds"]["ascent"] > result["seconds"]["restore"]
+    assert result["seconds"]["descent"] > result["seconds"]["restore"]
     for name in ("_candidates", "_sampled_bracket", "gradient_mean", "climb_entries"):
         assert 0 < result["parts"][name] <= total
     assert 0 < result["parts"]["scatter_entries"] <= result["seconds"]["restore"]
