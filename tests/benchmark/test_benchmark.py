@@ -226,6 +226,33 @@ def test_memory_benchmark_measures_every_row_in_its_own_process(tmp_path):
     assert f"over the {module.TRAINER_ROWS[0]} row's" in done.stdout and module.TRAINER_ROWS[2] in done.stdout
 
 
+def test_the_memory_benchmark_leaves_out_the_third_party_row_where_its_package_does_not_import(tmp_path):
+    """Without pytorch_optimizer (the benchmark extra), scripts/benchmark_memory.py measures every other row and
+    says why that one is missing, as benchmark_step.py does. A stand-in package that fails to import, ahead of
+    the installed one on the path, plays the missing package."""
+    import os
+    import subprocess
+    import sys
+
+    stand_in = tmp_path / "path" / "pytorch_optimizer"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_memory.py"
+    out = tmp_path / "memory.json"
+    path = os.pathsep.join(filter(None, [str(tmp_path / "path"), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(script), "--width", "256", "--depth", "2", "--batch", "4", "--repeats", "1",
+         "--steps", "1", "--warmup", "1", "--front_doors", "optimizer", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": path},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    module = load_script_named("benchmark_memory")
+    missing = "SAM (pytorch_optimizer)"
+    assert list(json.loads(out.read_text())["results"]) == [row for row in module.ROWS if row != missing]
+    assert "pytorch_optimizer is not installed: its SAM row is left out" in done.stderr
+    assert missing not in done.stdout and module.ROWS[2] in done.stdout
+
+
 def test_the_step_benchmark_runs_through_the_trainer_and_prints_its_ratio(tmp_path):
     """A shrunk run of scripts/benchmark_step.py: every row steps through ZSAMTrainer.training_step."""
     import os
