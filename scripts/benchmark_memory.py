@@ -3,8 +3,9 @@
 
 Rows: the base optimizer, our ``ZSAM(variant="sam")`` and ``ZSAM``, pytorch_optimizer's ``SAM`` (the
 benchmark extra; left out, with a note, where it does not import), each in the plain first_step/second_step
-loop, and the re-created davda54 SAM and released-code ZSAM steps of ``benchmark_step.py``; then the base optimizer, SAM and ZSAM through
-``ZSAMTrainer.training_step``, over the Trainer's own base row (``sam_variant="none"``).
+loop, and the re-created davda54 SAM and released-code ZSAM steps of ``benchmark_step.py``; then the base
+optimizer, SAM and ZSAM through ``ZSAMTrainer.training_step``, over the Trainer's own base row
+(``sam_variant="none"``).
 
 A CPU has no allocator statistics like CUDA's, and the C allocator keeps freed pages or hands
 them back depending on its own history, so a step that allocates fresh buffers can peak at a
