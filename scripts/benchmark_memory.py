@@ -58,6 +58,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _step_benchmark():
+    """``benchmark_step.py``, whose steps each row runs (and whose check for pytorch_optimizer the rows share)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import benchmark_step
+
+    return benchmark_step
+
+
 def _reset_high_water_mark() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -69,10 +77,9 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
     import torch.nn as nn
     import torch.nn.functional as F
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchmark_step import base_step, davda54_sam_step, released_code_step, two_step
-
     from zsam_hf import ZSAM
+
+    steps_of = _step_benchmark()
 
     class MLP(nn.Module):
         def __init__(self):
@@ -93,17 +100,22 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
     params = model.parameters
     # The steps of benchmark_step.py (every row imports the same modules), built only for this row.
     make_step = {
-        ROWS[0]: lambda: partial(base_step, model, torch.optim.SGD(params(), lr=1e-3), data),
+        ROWS[0]: lambda: partial(steps_of.base_step, model, torch.optim.SGD(params(), lr=1e-3), data),
         ROWS[1]: lambda: partial(
-            two_step, model, ZSAM(params(), torch.optim.SGD, variant="sam", lr=1e-3), data
+            steps_of.two_step, model, ZSAM(params(), torch.optim.SGD, variant="sam", lr=1e-3), data
         ),
-        ROWS[2]: lambda: partial(two_step, model, ZSAM(params(), torch.optim.SGD, lr=1e-3), data),
+        ROWS[2]: lambda: partial(steps_of.two_step, model, ZSAM(params(), torch.optim.SGD, lr=1e-3), data),
         ROWS[3]: lambda: partial(
-            two_step, model, _third_party_sam()(params(), torch.optim.SGD, rho=0.05, lr=1e-3), data
+            steps_of.two_step,
+            model,
+            steps_of.third_party_sam_class()(params(), torch.optim.SGD, rho=0.05, lr=1e-3),
+            data,
         ),
-        ROWS[4]: lambda: partial(davda54_sam_step, model, torch.optim.SGD(params(), lr=1e-3), data, 0.05),
+        ROWS[4]: lambda: partial(
+            steps_of.davda54_sam_step, model, torch.optim.SGD(params(), lr=1e-3), data, 0.05
+        ),
         ROWS[5]: lambda: partial(
-            released_code_step, model, torch.optim.SGD(params(), lr=1e-3), data, 0.05, 0.95
+            steps_of.released_code_step, model, torch.optim.SGD(params(), lr=1e-3), data, 0.05, 0.95
         ),
     }
     for trainer_row, variant in TRAINER_VARIANTS.items():
@@ -122,26 +134,16 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
             "resident_before": resident}  # fmt: skip
 
 
-def _third_party_sam():
-    """pytorch_optimizer's ``SAM`` class, or None (with a note on stderr) where it does not import: the package
-    is the benchmark extra's, not every environment has it, and its row is then left out."""
-    try:
-        from pytorch_optimizer import SAM
-    except ImportError:
-        print("note: pytorch_optimizer is not installed: its SAM row is left out", file=sys.stderr)
-        return None
-    return SAM
-
-
 def _trainer_step_of(model, data, variant: str):
     """One optimizer step of ``variant`` through ZSAMTrainer.training_step, as ``benchmark_step.py`` times it."""
     import tempfile
     from types import SimpleNamespace
 
-    from benchmark_step import make_trainer, trainer_step
-
-    trainer = make_trainer(model, tempfile.mkdtemp(), SimpleNamespace(device="cpu", bf16=False), variant)
-    return partial(trainer_step, trainer, model, data)
+    steps_of = _step_benchmark()
+    trainer = steps_of.make_trainer(
+        model, tempfile.mkdtemp(), SimpleNamespace(device="cpu", bf16=False), variant
+    )
+    return partial(steps_of.trainer_step, trainer, model, data)
 
 
 def run_row_in_child(row: str, args) -> dict:
@@ -207,7 +209,7 @@ def main() -> None:
         *(ROWS if "optimizer" in args.front_doors else ()),
         *(TRAINER_ROWS if "trainer" in args.front_doors else ()),
     ]
-    if ROWS[3] in rows and _third_party_sam() is None:
+    if ROWS[3] in rows and _step_benchmark().third_party_sam_class() is None:
         rows.remove(ROWS[3])
     results = {row: [run_row_in_child(row, args) for _ in range(args.repeats)] for row in rows}
     report(results, args)

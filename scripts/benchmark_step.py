@@ -295,14 +295,22 @@ def measure_optimizers(arch: str, image_size: int, batch_size: int, args) -> dic
             "param_bytes": param_bytes, "peak_bytes": peaks}  # fmt: skip
 
 
-def _third_party_sam(model: nn.Module):
-    """pytorch_optimizer's ``SAM`` over SGD, or None (with a note on stderr) where the package is missing."""
+def third_party_sam_class():
+    """pytorch_optimizer's ``SAM`` class, or None (with a note on stderr) where it does not import: the package
+    is the benchmark extra's, not every environment has it, and its row is then left out (here and in
+    ``benchmark_memory.py``)."""
     try:
         from pytorch_optimizer import SAM
     except ImportError:
         print("note: pytorch_optimizer is not installed: its SAM row is left out", file=sys.stderr)
         return None
-    return SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3)
+    return SAM
+
+
+def _third_party_sam(model: nn.Module):
+    """pytorch_optimizer's ``SAM`` over SGD, or None (with a note on stderr) where the package is missing."""
+    sam = third_party_sam_class()
+    return None if sam is None else sam(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-3)
 
 
 def report_optimizers(result: dict, args) -> None:
