@@ -146,6 +146,18 @@ def _trainer_step_of(model, data, variant: str):
     return partial(steps_of.trainer_step, trainer, model, data)
 
 
+def rows_to_measure(front_doors: list[str]) -> list[str]:
+    """The rows of the chosen front doors, in the report's order; pytorch_optimizer's left out (with the step
+    benchmark's note on stderr) where the package does not import."""
+    rows = [
+        *(ROWS if "optimizer" in front_doors else ()),
+        *(TRAINER_ROWS if "trainer" in front_doors else ()),
+    ]
+    if ROWS[3] in rows and _step_benchmark().third_party_sam_class() is None:
+        rows.remove(ROWS[3])
+    return rows
+
+
 def run_row_in_child(row: str, args) -> dict:
     """``measure_row`` in a fresh interpreter, so no row inherits another's allocator history."""
     command = [sys.executable, __file__, "--child", row, "--width", str(args.width), "--depth", str(args.depth),
@@ -205,13 +217,10 @@ def main() -> None:
         return
     if not os.path.exists("/proc/self/clear_refs"):
         raise SystemExit("this benchmark reads Linux's /proc/self/status and resets /proc/self/clear_refs")
-    rows = [
-        *(ROWS if "optimizer" in args.front_doors else ()),
-        *(TRAINER_ROWS if "trainer" in args.front_doors else ()),
-    ]
-    if ROWS[3] in rows and _step_benchmark().third_party_sam_class() is None:
-        rows.remove(ROWS[3])
-    results = {row: [run_row_in_child(row, args) for _ in range(args.repeats)] for row in rows}
+    results = {
+        row: [run_row_in_child(row, args) for _ in range(args.repeats)]
+        for row in rows_to_measure(args.front_doors)
+    }
     report(results, args)
     if args.json:
         with open(args.json, "w") as f:
