@@ -32,6 +32,10 @@ import subprocess
 import sys
 from functools import partial
 
+# benchmark_step.py, beside this script: the steps each row runs, and the check for pytorch_optimizer the rows
+# share (every row, in its own process, imports the same modules)
+import benchmark_step as steps_of
+
 ROWS = (
     "base optimizer (SGD)",
     "SAM (ours, ZSAM(variant='sam'))",
@@ -58,14 +62,6 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _step_benchmark():
-    """``benchmark_step.py``, whose steps each row runs (and whose check for pytorch_optimizer the rows share)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import benchmark_step
-
-    return benchmark_step
-
-
 def _reset_high_water_mark() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -78,8 +74,6 @@ def measure_row(row: str, width: int, depth: int, batch: int, steps: int, warmup
     import torch.nn.functional as F
 
     from zsam_hf import ZSAM
-
-    steps_of = _step_benchmark()
 
     class MLP(nn.Module):
         def __init__(self):
@@ -139,7 +133,6 @@ def _trainer_step_of(model, data, variant: str):
     import tempfile
     from types import SimpleNamespace
 
-    steps_of = _step_benchmark()
     trainer = steps_of.make_trainer(
         model, tempfile.mkdtemp(), SimpleNamespace(device="cpu", bf16=False), variant
     )
@@ -153,7 +146,7 @@ def rows_to_measure(front_doors: list[str]) -> list[str]:
         *(ROWS if "optimizer" in front_doors else ()),
         *(TRAINER_ROWS if "trainer" in front_doors else ()),
     ]
-    if ROWS[3] in rows and _step_benchmark().third_party_sam_class() is None:
+    if ROWS[3] in rows and steps_of.third_party_sam_class() is None:
         rows.remove(ROWS[3])
     return rows
 

@@ -28,10 +28,10 @@ import argparse
 import collections
 import functools
 import json
-import os
-import sys
 import time
 
+# benchmark_step.py, beside this script: the workloads (model, batch, ``ARCH@SIZExBATCH``) this script profiles
+import benchmark_step
 import torch
 
 from zsam_hf import perturbation
@@ -119,17 +119,9 @@ def mean_from_sample(grad: torch.Tensor) -> torch.Tensor:
     return flat[stride // 2 :: stride].mean()
 
 
-def step_benchmark():
-    """``benchmark_step.py``, whose workloads (model, batch, ``ARCH@SIZExBATCH``) this script profiles."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import benchmark_step
-
-    return benchmark_step
-
-
 def profile(arch: str, image_size: int, batch_size: int, args) -> dict:
     """Per-step seconds of the perturbation, the restore and each part, over ``args.steps`` steps."""
-    model, batch, _ = step_benchmark().workload(arch, image_size, batch_size, "cpu")
+    model, batch, _ = benchmark_step.workload(arch, image_size, batch_size, "cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     engine = perturbation.SharpnessPerturbation(variant=args.variant)
     names, params = zip(*model.named_parameters())
@@ -214,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
-    result = profile(*step_benchmark().parse_workload(args.workload, "--workload"), args)
+    result = profile(*benchmark_step.parse_workload(args.workload, "--workload"), args)
     report(result, args.by_size)
     if args.json:
         with open(args.json, "w") as f:
